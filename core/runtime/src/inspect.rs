@@ -1,0 +1,54 @@
+//! What a prepared model will execute, and in which precision.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Element type a convolution or matrix product computes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecPrecision {
+    /// 8-bit operands, i32 accumulation.
+    Int8,
+    F16,
+    F32,
+    Other,
+}
+
+impl fmt::Display for ExecPrecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ExecPrecision::Int8 => "int8",
+            ExecPrecision::F16 => "f16",
+            ExecPrecision::F32 => "f32",
+            ExecPrecision::Other => "other",
+        })
+    }
+}
+
+/// One convolution or matrix product of the prepared model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeavyOp {
+    /// Node name (the ONNX node's name where tract kept it).
+    pub name: String,
+    /// `Conv` or `MatMul` (Gemm and MatMul both execute as matrix products).
+    pub op: String,
+    pub precision: ExecPrecision,
+    /// Why: the QDQ fusion applied, or the reason it did not.
+    pub note: Option<String>,
+}
+
+/// Static facts about a prepared model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspection {
+    /// ONNX op type → node count, as in the file.
+    pub op_histogram: BTreeMap<String, usize>,
+    /// Bytes of constant parameters (initializers) in the file.
+    pub parameter_bytes: u64,
+    pub heavy: Vec<HeavyOp>,
+}
+
+impl Inspection {
+    /// Number of heavy ops executing in the given precision.
+    pub fn count(&self, p: ExecPrecision) -> usize {
+        self.heavy.iter().filter(|h| h.precision == p).count()
+    }
+}

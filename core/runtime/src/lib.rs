@@ -1,0 +1,30 @@
+//! tern-core: Tern's executor.
+//!
+//! Load an ONNX model once ([`Model`]), share it between threads, and run it through per-worker
+//! [`Session`]s that reuse their buffers. QDQ-quantized convolutions and matrix products are
+//! rewritten onto int8 kernels at load time; [`Inspection`] says what runs in which precision.
+//!
+//! ```no_run
+//! use tern_core::{Model, ModelOptions, TensorView};
+//! let model = Model::load("models/digits/1/model.onnx", &ModelOptions::default())?;
+//! let mut session = model.session()?;
+//! let pixels = vec![0f32; 64];
+//! let outputs = session.run(&[TensorView::new(&[1, 1, 8, 8], &pixels)])?;
+//! let logits = outputs.get(0).unwrap().as_slice::<f32>()?;
+//! # Ok::<(), tern_core::Error>(())
+//! ```
+
+mod error;
+mod inspect;
+mod model;
+pub mod npy;
+mod prepare;
+mod run;
+mod tensor;
+
+pub use error::{Error, Result};
+pub use inspect::{ExecPrecision, HeavyOp, Inspection};
+pub use model::{Model, ModelOptions, Precision};
+pub use prepare::ModelInfo;
+pub use run::{Outputs, Session};
+pub use tensor::{DType, Dim, Element, Tensor, TensorInfo, TensorView};

@@ -1,0 +1,482 @@
+//! tern-core against the bundled models: accuracy, agreement with onnxruntime's stored outputs,
+//! error handling, and the allocation budget of the hot path.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::PathBuf;
+
+use tern_core::{
+    npy, DType, Error, ExecPrecision, Model, ModelOptions, Precision, Tensor, TensorView,
+};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model_path(name: &str) -> PathBuf {
+    repo().join("models").join(name).join("1/model.onnx")
+}
+
+fn testdata(file: &str) -> Tensor {
+    npy::read_file(repo().join("models/testdata").join(file)).unwrap()
+}
+
+const VARIANTS: [&str; 6] = [
+    "digits",
+    "digits-int8-qdq",
+    "digits-int8-qop",
+    "resblock",
+    "resblock-int8-qdq",
+    "resblock-int8-qop",
+];
+
+/// Max |tern - onnxruntime| over all logits, per variant. f32 models differ only by summation
+/// order; int8 models by the rounding of requantization (tract rounds ties to even like
+/// onnxruntime, but accumulates in a different order only for floats between int8 layers), so
+/// their bound is a few output quantization steps.
+/// Measured on x86_64 (see BENCHMARKS.md): f32 ≤ 1.2e-5, QDQ bit-exact, QOperator 0.15 (one
+/// requantization step of a hidden layer flipping).
+fn tolerance(variant: &str) -> f32 {
+    if variant.contains("int8") {
+        0.25
+    } else {
+        1e-4
+    }
+}
+
+struct Eval {
+    accuracy: f64,
+    agreement: f64,
+    max_abs_diff: f32,
+}
+
+fn evaluate(variant: &str, options: &ModelOptions, batch: usize) -> Eval {
+    let model = Model::load(model_path(variant), options).unwrap();
+    let x = testdata("digits_test_x.npy");
+    let y = testdata("digits_test_y.npy")
+        .view()
+        .to_vec::<i64>()
+        .unwrap();
+    let reference = testdata(&format!("{variant}.ref.npy"))
+        .view()
+        .to_vec::<f32>()
+        .unwrap();
+    let pixels = x.view().to_vec::<f32>().unwrap();
+    let n = y.len();
+    let mut session = model.session().unwrap();
+    let (mut correct, mut agree, mut max_diff) = (0, 0, 0f32);
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0
+    };
+    for start in (0..n).step_by(batch) {
+        let b = batch.min(n - start);
+        let shape = [b, 1, 8, 8];
+        let input = TensorView::new(&shape, &pixels[start * 64..(start + b) * 64]);
+        let out = session.run(&[input]).unwrap();
+        let logits = out.get(0).unwrap();
+        assert_eq!(logits.shape(), &[b, 10]);
+        let logits = logits.as_slice::<f32>().unwrap();
+        for i in 0..b {
+            let row = &logits[i * 10..(i + 1) * 10];
+            let want = &reference[(start + i) * 10..(start + i + 1) * 10];
+            correct += (argmax(row) as i64 == y[start + i]) as usize;
+            agree += (argmax(row) == argmax(want)) as usize;
+            max_diff = row
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(max_diff, f32::max);
+        }
+    }
+    Eval {
+        accuracy: correct as f64 / n as f64,
+        agreement: agree as f64 / n as f64,
+        max_abs_diff: max_diff,
+    }
+}
+
+#[test]
+fn every_bundled_model_matches_onnxruntime_and_is_accurate() {
+    let fp32 = evaluate("digits", &ModelOptions::default(), 32);
+    let fp32_res = evaluate("resblock", &ModelOptions::default(), 32);
+    for variant in VARIANTS {
+        let e = evaluate(variant, &ModelOptions::default(), 32);
+        println!(
+            "{variant:<20} accuracy {:.4}  top-1 agreement {:.4}  max |diff| {:.2e}",
+            e.accuracy, e.agreement, e.max_abs_diff
+        );
+        assert!(
+            e.agreement >= 0.99,
+            "{variant}: top-1 agreement {}",
+            e.agreement
+        );
+        assert!(
+            e.max_abs_diff <= tolerance(variant),
+            "{variant}: max abs diff {}",
+            e.max_abs_diff
+        );
+        let base = if variant.starts_with("digits") {
+            &fp32
+        } else {
+            &fp32_res
+        };
+        assert!(
+            e.accuracy >= base.accuracy - 0.01,
+            "{variant}: accuracy {} vs fp32 {}",
+            e.accuracy,
+            base.accuracy
+        );
+    }
+    assert!(
+        fp32.accuracy >= 0.95,
+        "fp32 digits accuracy {}",
+        fp32.accuracy
+    );
+}
+
+#[test]
+fn batch_size_does_not_change_results() {
+    for variant in ["digits", "digits-int8-qdq"] {
+        let one = evaluate(variant, &ModelOptions::default(), 1);
+        let many = evaluate(variant, &ModelOptions::default(), 64);
+        assert_eq!(one.accuracy, many.accuracy, "{variant}");
+        assert!(
+            (one.max_abs_diff - many.max_abs_diff).abs() <= tolerance(variant),
+            "{variant}"
+        );
+    }
+}
+
+#[test]
+fn threads_and_f16_still_give_the_right_answers() {
+    let threaded = evaluate(
+        "digits",
+        &ModelOptions {
+            threads: 2,
+            ..Default::default()
+        },
+        64,
+    );
+    assert!(threaded.agreement >= 0.99 && threaded.max_abs_diff <= tolerance("digits"));
+
+    let model = Model::load(
+        model_path("digits"),
+        &ModelOptions {
+            precision: Precision::F16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(model.info().inputs[0].dtype, DType::F16);
+    assert!(
+        model.inspection().count(ExecPrecision::F16) >= 2,
+        "{:?}",
+        model.inspection().heavy
+    );
+    let x = testdata("digits_test_x.npy")
+        .view()
+        .to_vec::<f32>()
+        .unwrap();
+    let y = testdata("digits_test_y.npy")
+        .view()
+        .to_vec::<i64>()
+        .unwrap();
+    let x16: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let mut s = model.session().unwrap();
+    let out = s
+        .run(&[TensorView::new(&[y.len(), 1, 8, 8], &x16)])
+        .unwrap();
+    let logits = out.get(0).unwrap().to_vec::<half::f16>().unwrap();
+    let correct = (0..y.len())
+        .filter(|&i| {
+            let row = &logits[i * 10..(i + 1) * 10];
+            row.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0 as i64
+                == y[i]
+        })
+        .count();
+    assert!(
+        correct as f64 / y.len() as f64 >= 0.95,
+        "f16 accuracy {correct}/{}",
+        y.len()
+    );
+}
+
+#[test]
+fn qdq_convolutions_and_matmuls_run_in_int8() {
+    for variant in [
+        "digits-int8-qdq",
+        "resblock-int8-qdq",
+        "digits-int8-qop",
+        "resblock-int8-qop",
+    ] {
+        let m = Model::load(model_path(variant), &ModelOptions::default()).unwrap();
+        let insp = m.inspection();
+        assert!(!insp.heavy.is_empty());
+        for h in &insp.heavy {
+            assert_eq!(h.precision, ExecPrecision::Int8, "{variant}: {h:?}");
+        }
+    }
+    // Without the fusion tract runs the same QDQ graph in f32: the inspection must say so.
+    let m = Model::load(
+        model_path("digits-int8-qdq"),
+        &ModelOptions {
+            int8_fusion: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(m.inspection().count(ExecPrecision::Int8), 0);
+    assert_eq!(m.inspection().count(ExecPrecision::F32), 4);
+}
+
+#[test]
+fn a_fixed_batch_model_can_be_given_a_batch_symbol() {
+    // Re-export the digits model with a fixed batch of 1 by forcing the symbol on a copy: the
+    // bundled model has `N`, so renaming it exercises the same path as a fixed-1 export.
+    let m = Model::load(
+        model_path("digits"),
+        &ModelOptions {
+            batch_symbol: Some("B".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(m.info().batch.as_deref(), Some("B"));
+    let mut s = m.session().unwrap();
+    let x = vec![0.5f32; 3 * 64];
+    let out = s.run(&[TensorView::new(&[3, 1, 8, 8], &x)]).unwrap();
+    assert_eq!(out.get(0).unwrap().shape(), &[3, 10]);
+}
+
+fn err(r: Result<impl std::fmt::Debug, Error>) -> String {
+    r.unwrap_err().to_string()
+}
+
+#[test]
+fn bad_model_files_get_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("tern-core-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let o = ModelOptions::default();
+
+    let e = err(Model::load(dir.join("missing.onnx"), &o));
+    assert!(
+        e.contains("cannot read model file") && e.contains("missing.onnx"),
+        "{e}"
+    );
+
+    let e = err(Model::from_bytes(b"", &o));
+    assert!(e.contains("empty"), "{e}");
+    let e = err(Model::from_bytes(
+        b"this is plain text, not a protobuf at all",
+        &o,
+    ));
+    assert!(e.contains("not a valid ONNX model"), "{e}");
+
+    let bytes = std::fs::read(model_path("digits")).unwrap();
+    let e = err(Model::from_bytes(&bytes[..bytes.len() / 2], &o));
+    assert!(
+        e.contains("not a valid ONNX model") || e.contains("cannot be prepared"),
+        "{e}"
+    );
+
+    // An op tract does not know, named in the error.
+    let mut patched = bytes.clone();
+    let at = patched.windows(4).position(|w| w == b"Relu").unwrap();
+    patched[at..at + 4].copy_from_slice(b"Rulu");
+    let e = err(Model::from_bytes(&patched, &o));
+    assert!(e.contains("unsupported operator `Rulu`"), "{e}");
+
+    let e = err(Model::from_bytes(
+        &bytes,
+        &ModelOptions {
+            threads: 0,
+            ..Default::default()
+        },
+    ));
+    assert!(e.contains("threads"), "{e}");
+}
+
+#[test]
+fn bad_inputs_get_clear_errors_and_the_session_keeps_working() {
+    let m = Model::load(
+        model_path("digits"),
+        &ModelOptions {
+            max_batch: Some(8),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut s = m.session().unwrap();
+    let x = vec![0f32; 64 * 16];
+
+    let e = err(s.run(&[TensorView::new(&[1, 64], &x[..64])]));
+    assert_eq!(
+        e,
+        "input `input`: expected shape [N,1,8,8] f32, got [1,64] f32"
+    );
+    let xi = vec![0i64; 64];
+    let e = err(s.run(&[TensorView::new(&[1, 1, 8, 8], &xi)]));
+    assert_eq!(
+        e,
+        "input `input`: expected shape [N,1,8,8] f32, got [1,1,8,8] i64"
+    );
+    let e = err(s.run(&[TensorView::from_bytes(
+        DType::F32,
+        &[1, 1, 8, 8],
+        &[0u8; 100],
+    )]));
+    assert!(e.contains("needs 256 bytes, got 100"), "{e}");
+    let e = err(s.run(&[]));
+    assert!(e.contains("expected 1 input(s) (`input`), got 0"), "{e}");
+    let e = err(s.run(&[TensorView::new(&[16, 1, 8, 8], &x)]));
+    assert_eq!(e, "batch of 16 exceeds the configured maximum of 8");
+    let e = err(s.run(&[TensorView::new(&[0, 1, 8, 8], &x[..0])]));
+    assert!(e.contains("at least 1"), "{e}");
+
+    // NaN flows through rather than failing.
+    let nan = vec![f32::NAN; 64];
+    let out = s.run(&[TensorView::new(&[1, 1, 8, 8], &nan)]).unwrap();
+    assert!(out
+        .get(0)
+        .unwrap()
+        .as_slice::<f32>()
+        .unwrap()
+        .iter()
+        .any(|v| v.is_nan()));
+
+    let ok = s.run(&[TensorView::new(&[2, 1, 8, 8], &x[..128])]).unwrap();
+    assert_eq!(ok.get(0).unwrap().shape(), &[2, 10]);
+}
+
+#[test]
+fn models_and_sessions_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Model>();
+    send::<tern_core::Session>();
+    let m = Model::load(model_path("digits-int8-qdq"), &ModelOptions::default()).unwrap();
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                let mut s = m.session().unwrap();
+                s.warm_up().unwrap();
+                let x = vec![0.25f32; 64];
+                s.run(&[TensorView::new(&[1, 1, 8, 8], &x)])
+                    .unwrap()
+                    .get(0)
+                    .unwrap()
+                    .to_vec::<f32>()
+                    .unwrap()
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(results[0], results[1]);
+}
+
+/// Counts heap allocations per thread, so tests running in parallel do not disturb each other.
+struct CountingAllocator;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn bump() {
+    let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+}
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(|c| c.get())
+}
+
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        bump();
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        bump();
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        bump();
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// Allocations per run of raw tract's `SimpleState::run` on the same model and input.
+fn raw_tract_allocations(path: &std::path::Path, shape: &[usize], runs: u64) -> u64 {
+    use tract_onnx::prelude::*;
+    let plan = tract_onnx::onnx()
+        .model_for_path(path)
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let mut state = TypedSimpleState::new(&plan).unwrap();
+    let input: TValue = tract_onnx::prelude::Tensor::zero::<f32>(shape)
+        .unwrap()
+        .into_tvalue();
+    for _ in 0..5 {
+        state.run(tvec![input.clone()]).unwrap();
+    }
+    let before = allocations();
+    for _ in 0..runs {
+        let out = state.run(tvec![input.clone()]).unwrap();
+        drop(out);
+    }
+    allocations() - before
+}
+
+fn tern_allocations(path: &std::path::Path, shape: &[usize], runs: u64) -> u64 {
+    let model = Model::load(path, &ModelOptions::default()).unwrap();
+    let mut session = model.session().unwrap();
+    let x = vec![0f32; shape.iter().product()];
+    let view = TensorView::new(shape, &x);
+    for _ in 0..5 {
+        session.run(&[view]).unwrap();
+    }
+    let before = allocations();
+    for _ in 0..runs {
+        let out = session.run(&[view]).unwrap();
+        assert_eq!(out.len(), 1);
+    }
+    allocations() - before
+}
+
+#[test]
+fn tern_adds_no_allocation_to_tracts_own_per_run() {
+    for variant in ["digits", "digits-int8-qop", "resblock"] {
+        for shape in [[1usize, 1, 8, 8], [8, 1, 8, 8]] {
+            let raw = raw_tract_allocations(&model_path(variant), &shape, 50);
+            let tern = tern_allocations(&model_path(variant), &shape, 50);
+            println!(
+                "{variant} batch {}: raw tract {} allocations/run, tern {}",
+                shape[0],
+                raw / 50,
+                tern / 50
+            );
+            assert_eq!(
+                tern, raw,
+                "{variant} batch {}: tern {tern} vs raw tract {raw} allocations in 50 runs",
+                shape[0]
+            );
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! `tern`: inspect, run and benchmark models.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tern_core::{npy, DType, Dim, Model, ModelOptions, Precision, Tensor};
+use tern_daemon::stats::Summary;
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Tern edge inference runtime: inspect, run and benchmark ONNX models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show inputs, outputs, ops and the precision each convolution/matmul executes in.
+    Inspect {
+        model: PathBuf,
+        #[command(flatten)]
+        prep: PrepArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a model on .npy inputs and write one NAME.npy per output.
+    Run {
+        model: PathBuf,
+        /// NAME=FILE.npy, once per input (just FILE.npy for single-input models).
+        #[arg(long = "input", short = 'i', required = true)]
+        inputs: Vec<String>,
+        /// Where to write the outputs.
+        #[arg(long, default_value = ".")]
+        output_dir: PathBuf,
+        #[command(flatten)]
+        prep: PrepArgs,
+    },
+    /// Measure latency (p50/p90/p99) and throughput of one session on random inputs.
+    Bench {
+        model: PathBuf,
+        /// Batch size of every request.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Timed iterations.
+        #[arg(long, default_value_t = 200)]
+        iters: usize,
+        /// Untimed iterations first.
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        #[command(flatten)]
+        prep: PrepArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct PrepArgs {
+    /// Threads per forward pass.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Run f32 computation in f16.
+    #[arg(long)]
+    f16: bool,
+    /// Make axis 0 of every input a batch symbol with this name (for fixed-batch exports).
+    #[arg(long)]
+    batch_symbol: Option<String>,
+    /// Keep QDQ models in float (disable Tern's int8 fusion), for comparison.
+    #[arg(long)]
+    no_int8_fusion: bool,
+}
+
+impl PrepArgs {
+    fn options(&self) -> ModelOptions {
+        ModelOptions {
+            threads: self.threads,
+            precision: if self.f16 {
+                Precision::F16
+            } else {
+                Precision::AsStored
+            },
+            batch_symbol: self.batch_symbol.clone(),
+            max_batch: None,
+            int8_fusion: !self.no_int8_fusion,
+        }
+    }
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    if let Err(e) = real_main(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load(path: &Path, prep: &PrepArgs) -> Result<Model> {
+    Model::load(path, &prep.options()).with_context(|| format!("loading {}", path.display()))
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Inspect { model, prep, json } => inspect(&model, &prep, json),
+        Command::Run {
+            model,
+            inputs,
+            output_dir,
+            prep,
+        } => run(&model, &inputs, &output_dir, &prep),
+        Command::Bench {
+            model,
+            batch,
+            iters,
+            warmup,
+            prep,
+            json,
+        } => bench(&model, &prep, batch, iters, warmup, json),
+    }
+}
+
+fn shape_string(dims: &[Dim]) -> String {
+    format!(
+        "[{}]",
+        dims.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    )
+}
+
+fn inspect(path: &Path, prep: &PrepArgs, json: bool) -> Result<()> {
+    let model = load(path, prep)?;
+    let info = model.info();
+    let insp = model.inspection();
+    if json {
+        let tensors = |ts: &[tern_core::TensorInfo]| {
+            ts.iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "name": t.name,
+                        "dtype": t.dtype.name(),
+                        "shape": t.shape.iter().map(|d| match d {
+                            Dim::Fixed(n) => serde_json::json!(n),
+                            Dim::Batch(s) | Dim::Symbol(s) => serde_json::json!(s),
+                        }).collect::<Vec<_>>(),
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        let heavy: Vec<_> = insp
+            .heavy
+            .iter()
+            .map(|h| serde_json::json!({"name": h.name, "op": h.op, "precision": h.precision.to_string(), "note": h.note}))
+            .collect();
+        let doc = serde_json::json!({
+            "model": path.display().to_string(),
+            "inputs": tensors(&info.inputs),
+            "outputs": tensors(&info.outputs),
+            "batch": info.batch,
+            "parameter_bytes": insp.parameter_bytes,
+            "op_histogram": insp.op_histogram,
+            "heavy_ops": heavy,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!("model: {}", path.display());
+    println!("inputs:");
+    for t in &info.inputs {
+        println!("  {:<20} {} {}", t.name, shape_string(&t.shape), t.dtype);
+    }
+    println!("outputs:");
+    for t in &info.outputs {
+        println!("  {:<20} {} {}", t.name, shape_string(&t.shape), t.dtype);
+    }
+    println!(
+        "batch dimension: {}",
+        info.batch.as_deref().unwrap_or("none (fixed shapes)")
+    );
+    println!("parameters: {} bytes", insp.parameter_bytes);
+    let ops: Vec<String> = insp
+        .op_histogram
+        .iter()
+        .map(|(op, n)| format!("{op}×{n}"))
+        .collect();
+    println!("ops: {}", ops.join(" "));
+    let count = |p| insp.count(p);
+    println!(
+        "convolutions and matmuls: {} int8, {} f32, {} f16",
+        count(tern_core::ExecPrecision::Int8),
+        count(tern_core::ExecPrecision::F32),
+        count(tern_core::ExecPrecision::F16)
+    );
+    for h in &insp.heavy {
+        println!(
+            "  {:<28} {:<7} {:<5} {}",
+            h.name,
+            h.op,
+            h.precision.to_string(),
+            h.note.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+fn run(path: &Path, inputs: &[String], out_dir: &Path, prep: &PrepArgs) -> Result<()> {
+    let model = load(path, prep)?;
+    let declared = &model.info().inputs;
+    let mut tensors: Vec<Option<Tensor>> = vec![None; declared.len()];
+    for spec in inputs {
+        let (ix, file) = match spec.split_once('=') {
+            Some((name, file)) => {
+                let ix = declared
+                    .iter()
+                    .position(|d| d.name == name)
+                    .ok_or_else(|| {
+                        let names: Vec<_> =
+                            declared.iter().map(|d| format!("`{}`", d.name)).collect();
+                        anyhow!(
+                            "unknown input `{name}`; the model's inputs are {}",
+                            names.join(", ")
+                        )
+                    })?;
+                (ix, file)
+            }
+            None if declared.len() == 1 => (0, spec.as_str()),
+            None => bail!(
+                "`{spec}`: the model has {} inputs, name them with NAME=FILE.npy",
+                declared.len()
+            ),
+        };
+        if tensors[ix].is_some() {
+            bail!("input `{}` given twice", declared[ix].name);
+        }
+        tensors[ix] = Some(npy::read_file(file)?);
+    }
+    let missing: Vec<_> = declared
+        .iter()
+        .zip(&tensors)
+        .filter(|(_, t)| t.is_none())
+        .map(|(d, _)| format!("`{}`", d.name))
+        .collect();
+    if !missing.is_empty() {
+        bail!("missing input(s) {}", missing.join(", "));
+    }
+    let tensors: Vec<Tensor> = tensors.into_iter().flatten().collect();
+    let views: Vec<_> = tensors.iter().map(|t| t.view()).collect();
+    let mut session = model.session()?;
+    let outputs = session.run(&views)?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    for (name, view) in outputs.iter() {
+        let file = out_dir.join(format!("{}.npy", sanitize(name)));
+        let f =
+            std::fs::File::create(&file).with_context(|| format!("creating {}", file.display()))?;
+        npy::write(std::io::BufWriter::new(f), &view.to_tensor())?;
+        println!(
+            "{name}: {:?} {} -> {}",
+            view.shape(),
+            view.dtype(),
+            file.display()
+        );
+    }
+    Ok(())
+}
+
+/// Output names come from the model file: keep them from escaping the output directory.
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect::<String>()
+        .trim_start_matches('.')
+        .to_string()
+}
+
+/// Deterministic pseudo-random inputs in a model-friendly range.
+fn random_input(dtype: DType, shape: Vec<usize>, seed: &mut u64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut next = || {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    };
+    let bytes: Vec<u8> = match dtype {
+        DType::F32 => (0..n)
+            .flat_map(|_| ((next() % 1000) as f32 / 1000.0).to_ne_bytes())
+            .collect(),
+        DType::F16 => (0..n)
+            .flat_map(|_| half::f16::from_f32((next() % 1000) as f32 / 1000.0).to_ne_bytes())
+            .collect(),
+        DType::Bool => (0..n).map(|_| (next() & 1) as u8).collect(),
+        other => (0..n * other.size())
+            .map(|i| {
+                if i % other.size() == 0 {
+                    (next() % 8) as u8
+                } else {
+                    0
+                }
+            })
+            .collect(),
+    };
+    Ok(Tensor::from_bytes(dtype, shape, bytes)?)
+}
+
+fn bench(
+    path: &Path,
+    prep: &PrepArgs,
+    batch: usize,
+    iters: usize,
+    warmup: usize,
+    json: bool,
+) -> Result<()> {
+    if batch == 0 || iters == 0 {
+        bail!("--batch and --iters must be at least 1");
+    }
+    let started = Instant::now();
+    let model = load(path, prep)?;
+    let load_time = started.elapsed();
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut tensors = vec![];
+    for input in &model.info().inputs {
+        let shape = input
+            .shape
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => Ok(*n),
+                Dim::Batch(_) => Ok(batch),
+                Dim::Symbol(s) => Err(anyhow!(
+                    "input `{}` has symbolic dimension {s}; cannot pick a size",
+                    input.name
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if batch > 1 && input.batch_axis().is_none() {
+            bail!("the model has no batch dimension; use --batch 1 (or --batch-symbol N)");
+        }
+        tensors.push(random_input(input.dtype, shape, &mut seed)?);
+    }
+    let views: Vec<_> = tensors.iter().map(|t| t.view()).collect();
+    let mut session = model.session()?;
+    for _ in 0..warmup {
+        session.run(&views)?;
+    }
+    let mut samples = Vec::with_capacity(iters);
+    let wall = Instant::now();
+    for _ in 0..iters {
+        let t = Instant::now();
+        session.run(&views)?;
+        samples.push(t.elapsed());
+    }
+    let wall = wall.elapsed();
+    let s = Summary::of(&mut samples).expect("iters >= 1");
+    let throughput = (iters * batch) as f64 / wall.as_secs_f64();
+    if json {
+        let doc = serde_json::json!({
+            "model": path.display().to_string(),
+            "batch": batch,
+            "threads": prep.threads,
+            "iters": iters,
+            "load_ms": load_time.as_secs_f64() * 1e3,
+            "latency_us": s,
+            "throughput_per_s": throughput,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "model {}  batch {batch}  threads {}  iters {iters}",
+            path.display(),
+            prep.threads
+        );
+        println!("load+prepare {:.1} ms", load_time.as_secs_f64() * 1e3);
+        println!(
+            "latency µs: mean {:.1}  p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
+            s.mean_us, s.p50_us, s.p90_us, s.p99_us, s.max_us
+        );
+        println!("throughput {:.0} inferences/s", throughput);
+    }
+    Ok(())
+}

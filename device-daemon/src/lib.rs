@@ -1,0 +1,3 @@
+//! Library side of `ternd` and `tern`: the pieces the binaries share.
+
+pub mod stats;
