@@ -34,6 +34,25 @@ struct Replacement {
     initializers: Vec<pb::TensorProto>,
 }
 
+impl Replacement {
+    /// Replaces the heavy node at `at` and the nodes its fusion absorbed.
+    fn new(
+        at: usize,
+        absorbed: Vec<usize>,
+        nodes: Vec<pb::NodeProto>,
+        initializers: Vec<pb::TensorProto>,
+    ) -> Replacement {
+        let mut remove = vec![at];
+        remove.extend(absorbed);
+        Replacement {
+            at,
+            remove,
+            nodes,
+            initializers,
+        }
+    }
+}
+
 /// Fuses every matching pattern of the main graph in place.
 pub(crate) fn fuse(model: &mut pb::ModelProto) -> Report {
     let opset = graph::opset(model);
@@ -501,20 +520,13 @@ impl Matcher<'_> {
             clamp,
         } = self.quantized_output(ix)?;
         let mut initializers = vec![];
-        let mut inputs = vec![
-            x.value.clone(),
-            x.scale.clone(),
-            self.zp_name(&name, &x, &mut initializers, "x_zp"),
-        ];
-        inputs.extend([
-            w.value.clone(),
-            w.scale.clone(),
-            self.zp_name(&name, &w, &mut initializers, "w_zp"),
-        ]);
-        inputs.extend([
-            y.scale.clone(),
-            self.zp_name(&name, &y, &mut initializers, "y_zp"),
-        ]);
+        let mut inputs = self.qlinear_inputs(
+            &name,
+            (&x, x.value.clone(), "x_zp"),
+            (&w, w.value.clone(), "w_zp"),
+            &y,
+            &mut initializers,
+        );
         if let Some(b) = conv.input.get(2).filter(|s| !s.is_empty()) {
             let bias = self.bias_i32(b, &x, &w, channels)?;
             let name = graph::fresh_name(self.g, &format!("{}.tern_bias_i32", conv.name));
@@ -550,14 +562,7 @@ impl Matcher<'_> {
             clamp,
             &y,
         )?;
-        let mut remove = vec![ix];
-        remove.extend(consumed);
-        Ok(Replacement {
-            at: ix,
-            remove,
-            nodes,
-            initializers,
-        })
+        Ok(Replacement::new(ix, consumed, nodes, initializers))
     }
 
     fn match_gemm(&self, ix: usize) -> Match<Replacement> {
@@ -631,20 +636,13 @@ impl Matcher<'_> {
             x4.clone(),
             &mut initializers,
         ));
-        let mut inputs = vec![
-            x4,
-            x.scale.clone(),
-            self.zp_name(&name, &x, &mut initializers, "x_zp"),
-        ];
-        inputs.extend([
-            w_name,
-            w.scale.clone(),
-            self.zp_name(&name, &w, &mut initializers, "w_zp"),
-        ]);
-        inputs.extend([
-            y.scale.clone(),
-            self.zp_name(&name, &y, &mut initializers, "y_zp"),
-        ]);
+        let mut inputs = self.qlinear_inputs(
+            &name,
+            (&x, x4, "x_zp"),
+            (&w, w_name, "w_zp"),
+            &y,
+            &mut initializers,
+        );
         if has_bias {
             let bias = self.bias_i32(&gemm.input[2], &x, &w, channels)?;
             let bname = graph::fresh_name(self.g, &format!("{name}.tern_bias_i32"));
@@ -673,14 +671,7 @@ impl Matcher<'_> {
             clamp,
             &y,
         )?;
-        let mut remove = vec![ix];
-        remove.extend(consumed);
-        Ok(Replacement {
-            at: ix,
-            remove,
-            nodes,
-            initializers,
-        })
+        Ok(Replacement::new(ix, consumed, nodes, initializers))
     }
 
     fn match_matmul(&self, ix: usize) -> Match<Replacement> {
@@ -707,20 +698,13 @@ impl Matcher<'_> {
             mm.name.clone()
         };
         let mut initializers = vec![];
-        let mut inputs = vec![
-            a.value.clone(),
-            a.scale.clone(),
-            self.zp_name(&name, &a, &mut initializers, "a_zp"),
-        ];
-        inputs.extend([
-            w.value.clone(),
-            w.scale.clone(),
-            self.zp_name(&name, &w, &mut initializers, "b_zp"),
-        ]);
-        inputs.extend([
-            y.scale.clone(),
-            self.zp_name(&name, &y, &mut initializers, "y_zp"),
-        ]);
+        let inputs = self.qlinear_inputs(
+            &name,
+            (&a, a.value.clone(), "a_zp"),
+            (&w, w.value.clone(), "b_zp"),
+            &y,
+            &mut initializers,
+        );
         let mm_out = if clamp.is_some() {
             graph::fresh_name(self.g, &format!("{name}.unclamped"))
         } else {
@@ -734,14 +718,29 @@ impl Matcher<'_> {
             vec![],
         )];
         self.push_clamp(&mut nodes, &mut initializers, &name, mm_out, out, clamp, &y)?;
-        let mut remove = vec![ix];
-        remove.extend(consumed);
-        Ok(Replacement {
-            at: ix,
-            remove,
-            nodes,
-            initializers,
-        })
+        Ok(Replacement::new(ix, consumed, nodes, initializers))
+    }
+
+    /// The eight inputs every QLinear op takes: x, x_scale, x_zp, w, w_scale, w_zp, y_scale,
+    /// y_zp. `x` and `w` name the quantized values, which a rewrite may have reshaped.
+    fn qlinear_inputs(
+        &self,
+        name: &str,
+        (x, x_value, x_what): (&Quant, String, &str),
+        (w, w_value, w_what): (&Quant, String, &str),
+        y: &Quant,
+        initializers: &mut Vec<pb::TensorProto>,
+    ) -> Vec<String> {
+        vec![
+            x_value,
+            x.scale.clone(),
+            self.zp_name(name, x, initializers, x_what),
+            w_value,
+            w.scale.clone(),
+            self.zp_name(name, w, initializers, w_what),
+            y.scale.clone(),
+            self.zp_name(name, y, initializers, "y_zp"),
+        ]
     }
 
     /// Zero-point input name; QLinear ops require it, so a missing one becomes a zero constant
@@ -814,23 +813,32 @@ impl Matcher<'_> {
             inits.push(graph::initializer(&n, &t).ok_or("cannot encode clamp bound")?);
             Ok(n)
         };
-        let lo_name = constant(lo, "lo", initializers)?;
-        let hi_name = constant(hi, "hi", initializers)?;
-        let mid = graph::fresh_name(self.g, &format!("{name}.clamped_lo"));
-        nodes.push(node(
-            "Max",
-            &format!("{name}.act_max"),
-            vec![input, lo_name],
-            vec![mid.clone()],
-            vec![],
-        ));
-        nodes.push(node(
-            "Min",
-            &format!("{name}.act_min"),
-            vec![mid, hi_name],
-            vec![output],
-            vec![],
-        ));
+        // Saturation already holds the type's own bounds: emit only the side that narrows it.
+        let (qmin, qmax) = q_range(y.zp_dt);
+        let mut current = input;
+        let mut steps = vec![];
+        if lo > qmin {
+            steps.push(("Max", constant(lo, "lo", initializers)?));
+        }
+        if hi < qmax {
+            steps.push(("Min", constant(hi, "hi", initializers)?));
+        }
+        let last = steps.len().saturating_sub(1);
+        for (i, (op, bound)) in steps.into_iter().enumerate() {
+            let out = if i == last {
+                output.clone()
+            } else {
+                graph::fresh_name(self.g, &format!("{name}.act_{op}"))
+            };
+            nodes.push(node(
+                op,
+                &format!("{name}.act_{op}"),
+                vec![current, bound],
+                vec![out.clone()],
+                vec![],
+            ));
+            current = out;
+        }
         Ok(())
     }
 }
@@ -855,5 +863,231 @@ fn node(
         output,
         attribute,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Model, ModelOptions, TensorView};
+    use prost::Message;
+    use tract_onnx::pb::tensor_proto::DataType;
+
+    fn init(name: &str, dt: DataType, dims: &[i64], raw: Vec<u8>) -> pb::TensorProto {
+        pb::TensorProto {
+            name: name.into(),
+            data_type: dt as i32,
+            dims: dims.to_vec(),
+            raw_data: raw,
+            ..Default::default()
+        }
+    }
+
+    fn f32s_raw(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    fn value_info(name: &str, dims: &[&str]) -> pb::ValueInfoProto {
+        use pb::tensor_shape_proto::{dimension::Value, Dimension};
+        let dim = dims
+            .iter()
+            .map(|d| Dimension {
+                value: Some(match d.parse::<i64>() {
+                    Ok(v) => Value::DimValue(v),
+                    Err(_) => Value::DimParam(d.to_string()),
+                }),
+                ..Default::default()
+            })
+            .collect();
+        pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: DataType::Float as i32,
+                    shape: Some(pb::TensorShapeProto { dim }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// x [N,2,4,4] → Q → DQ → Conv(3×2×3×3, pad 1, per-channel int8 weights, bias)
+    /// → [activation] → Q(y_zp) → DQ → out.
+    fn conv_model(activation: Option<&str>, y_zp: u8, weight_is_input: bool) -> pb::ModelProto {
+        let w: Vec<u8> = (0..54).map(|i| ((i * 37 % 23) as i8 - 11) as u8).collect();
+        let mut initializer = vec![
+            init("xs", DataType::Float, &[], f32s_raw(&[1.0 / 255.0])),
+            init("xzp", DataType::Uint8, &[], vec![0]),
+            init("ws", DataType::Float, &[3], f32s_raw(&[0.02, 0.03, 0.05])),
+            init("wzp", DataType::Int8, &[3], vec![0; 3]),
+            init("b", DataType::Float, &[3], f32s_raw(&[0.1, -0.2, 0.05])),
+            init("ys", DataType::Float, &[], f32s_raw(&[0.01])),
+            init("yzp", DataType::Uint8, &[], vec![y_zp]),
+        ];
+        if !weight_is_input {
+            initializer.push(init("wq", DataType::Int8, &[3, 2, 3, 3], w));
+        }
+        let n = |op: &str, name: &str, i: &[&str], o: &[&str]| pb::NodeProto {
+            op_type: op.into(),
+            name: name.into(),
+            input: i.iter().map(|s| s.to_string()).collect(),
+            output: o.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let mut dq_w = n("DequantizeLinear", "dq_w", &["wq", "ws", "wzp"], &["wf"]);
+        dq_w.attribute.push(pb::AttributeProto {
+            name: "axis".into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i: 0,
+            ..Default::default()
+        });
+        let mut conv = n("Conv", "conv", &["xf", "wf", "b"], &["y"]);
+        conv.attribute
+            .push(graph::ints_attr("pads", vec![1, 1, 1, 1]));
+        let mut node = vec![
+            n("QuantizeLinear", "q_x", &["x", "xs", "xzp"], &["xq"]),
+            n("DequantizeLinear", "dq_x", &["xq", "xs", "xzp"], &["xf"]),
+            dq_w,
+            conv,
+        ];
+        let pre_q = match activation {
+            Some(op) => {
+                node.push(n(op, "act", &["y"], &["ya"]));
+                "ya"
+            }
+            None => "y",
+        };
+        node.push(n("QuantizeLinear", "q_y", &[pre_q, "ys", "yzp"], &["yq"]));
+        node.push(n(
+            "DequantizeLinear",
+            "dq_y",
+            &["yq", "ys", "yzp"],
+            &["out"],
+        ));
+        let mut input = vec![value_info("x", &["N", "2", "4", "4"])];
+        if weight_is_input {
+            let mut wi = value_info("wq", &["3", "2", "3", "3"]);
+            if let Some(pb::type_proto::Value::TensorType(t)) =
+                wi.r#type.as_mut().and_then(|t| t.value.as_mut())
+            {
+                t.elem_type = DataType::Int8 as i32;
+            }
+            input.push(wi);
+        }
+        pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            }],
+            graph: Some(pb::GraphProto {
+                node,
+                initializer,
+                input,
+                output: vec![value_info("out", &["N", "3", "4", "4"])],
+                name: "g".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn ops(m: &pb::ModelProto) -> Vec<String> {
+        m.graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .map(|n| n.op_type.clone())
+            .collect()
+    }
+
+    fn run(m: &pb::ModelProto, fusion: bool) -> Vec<f32> {
+        let opts = ModelOptions {
+            int8_fusion: fusion,
+            ..Default::default()
+        };
+        let model = Model::from_bytes(&m.encode_to_vec(), &opts).unwrap();
+        let x: Vec<f32> = (0..64).map(|i| ((i * 13) % 29) as f32 / 28.0).collect();
+        let mut s = model.session().unwrap();
+        let out = s.run(&[TensorView::new(&[2, 2, 4, 4], &x)]).unwrap();
+        out.get(0).unwrap().to_vec::<f32>().unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn a_qdq_conv_becomes_one_qlinearconv_with_the_same_results() {
+        let m = conv_model(None, 128, false);
+        let mut fused = m.clone();
+        let report = fuse(&mut fused);
+        assert_eq!(
+            report.nodes,
+            vec![("conv".into(), "Conv".into(), Outcome::Fused("QLinearConv"))]
+        );
+        assert_eq!(
+            ops(&fused),
+            ["QuantizeLinear", "QLinearConv", "DequantizeLinear"]
+        );
+        // Float bias requantized to i32 can differ from the float path by one output step.
+        assert!(max_diff(&run(&m, true), &run(&m, false)) <= 0.01 + 1e-6);
+    }
+
+    #[test]
+    fn a_relu_that_saturation_covers_is_absorbed() {
+        let m = conv_model(Some("Relu"), 0, false);
+        let mut fused = m.clone();
+        fuse(&mut fused);
+        assert_eq!(
+            ops(&fused),
+            ["QuantizeLinear", "QLinearConv", "DequantizeLinear"]
+        );
+        assert!(max_diff(&run(&m, true), &run(&m, false)) <= 0.01 + 1e-6);
+    }
+
+    #[test]
+    fn a_relu_above_the_quantized_minimum_becomes_an_integer_clamp() {
+        let m = conv_model(Some("Relu"), 100, false);
+        let mut fused = m.clone();
+        fuse(&mut fused);
+        assert_eq!(
+            ops(&fused),
+            ["QuantizeLinear", "QLinearConv", "Max", "DequantizeLinear"]
+        );
+        let (a, b) = (run(&m, true), run(&m, false));
+        assert!(a.iter().all(|&v| v >= 0.0), "relu must hold");
+        assert!(max_diff(&a, &b) <= 0.01 + 1e-6);
+    }
+
+    #[test]
+    fn a_weight_that_is_not_constant_stays_in_float_with_a_reason() {
+        let mut m = conv_model(None, 128, true);
+        let report = fuse(&mut m);
+        assert_eq!(
+            report.nodes,
+            vec![(
+                "conv".into(),
+                "Conv".into(),
+                Outcome::KeptFloat("the weight is not a constant".into())
+            )]
+        );
+        assert!(ops(&m).contains(&"Conv".to_string()));
+    }
+
+    #[test]
+    fn an_output_read_twice_stays_in_float() {
+        let mut m = conv_model(None, 128, false);
+        let g = m.graph.as_mut().unwrap();
+        g.output.push(value_info("y", &["N", "3", "4", "4"]));
+        let report = fuse(&mut m);
+        assert!(
+            matches!(&report.nodes[0].2, Outcome::KeptFloat(r) if r.contains("several consumers"))
+        );
     }
 }
