@@ -352,6 +352,10 @@ fn bad_inputs_get_clear_errors_and_the_session_keeps_working() {
         .iter()
         .any(|v| v.is_nan()));
 
+    assert_eq!(m.info().input_index("input").unwrap(), 0);
+    let e = err(m.info().input_index("pixels"));
+    assert_eq!(e, "unknown input `pixels`; the model's inputs are `input`");
+
     let ok = s.run(&[TensorView::new(&[2, 1, 8, 8], &x[..128])]).unwrap();
     assert_eq!(ok.get(0).unwrap().shape(), &[2, 10]);
 }

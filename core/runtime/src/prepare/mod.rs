@@ -30,6 +30,26 @@ pub struct ModelInfo {
     pub max_batch: Option<usize>,
 }
 
+impl ModelInfo {
+    /// Position of the input called `name`, for callers that address inputs by name.
+    pub fn input_index(&self, name: &str) -> Result<usize> {
+        self.inputs
+            .iter()
+            .position(|i| i.name == name)
+            .ok_or_else(|| {
+                let known: Vec<String> = self
+                    .inputs
+                    .iter()
+                    .map(|i| format!("`{}`", i.name))
+                    .collect();
+                Error::InvalidInput(format!(
+                    "unknown input `{name}`; the model's inputs are {}",
+                    known.join(", ")
+                ))
+            })
+    }
+}
+
 /// Immutable, shared result of preparation. Sessions hold an `Arc` of it.
 pub(crate) struct Prepared {
     pub(crate) plan: Arc<TypedSimplePlan>,

@@ -216,20 +216,7 @@ fn run(path: &Path, inputs: &[String], out_dir: &Path, prep: &PrepArgs) -> Resul
     let mut tensors: Vec<Option<Tensor>> = vec![None; declared.len()];
     for spec in inputs {
         let (ix, file) = match spec.split_once('=') {
-            Some((name, file)) => {
-                let ix = declared
-                    .iter()
-                    .position(|d| d.name == name)
-                    .ok_or_else(|| {
-                        let names: Vec<_> =
-                            declared.iter().map(|d| format!("`{}`", d.name)).collect();
-                        anyhow!(
-                            "unknown input `{name}`; the model's inputs are {}",
-                            names.join(", ")
-                        )
-                    })?;
-                (ix, file)
-            }
+            Some((name, file)) => (model.info().input_index(name)?, file),
             None if declared.len() == 1 => (0, spec.as_str()),
             None => bail!(
                 "`{spec}`: the model has {} inputs, name them with NAME=FILE.npy",
