@@ -403,13 +403,14 @@ impl Matcher<'_> {
     }
 
     /// Weight constant, its quant params, checked per-tensor or per-`channel_axis`.
+    /// The constant 8-bit weight behind `value`, its quantization, and its output-channel count.
+    /// `channel_axis` picks the output-channel axis from the weight's shape (or rejects the
+    /// shape); per-channel scales must run along that axis.
     fn weight(
         &self,
         value: &str,
-        channel_axis: i64,
-        rank: usize,
-        channels: Option<usize>,
-    ) -> Match<(Tensor, Quant)> {
+        channel_axis: impl Fn(&[usize]) -> Match<usize>,
+    ) -> Match<(Tensor, Quant, usize)> {
         let w = self.dequantized(value, "the weight")?;
         let wq = self
             .index
@@ -418,21 +419,18 @@ impl Matcher<'_> {
         if !matches!(wq.datum_type().unquantized(), DatumType::I8 | DatumType::U8) {
             return Err("the weight is not 8-bit".into());
         }
-        if wq.rank() != rank {
-            return Err(format!(
-                "the weight has rank {}, expected {rank}",
-                wq.rank()
-            ));
-        }
+        let channel_axis = channel_axis(wq.shape())?;
+        let channels = wq.shape()[channel_axis];
+        let rank = wq.rank();
         if w.scale_v.len() > 1 {
             let axis = self.dq_axis(value);
             let axis = if axis < 0 { axis + rank as i64 } else { axis };
-            if axis != channel_axis {
+            if axis != channel_axis as i64 {
                 return Err(format!(
                     "the weight is quantized along axis {axis}, not the output channels"
                 ));
             }
-            if Some(w.scale_v.len()) != channels {
+            if w.scale_v.len() != channels {
                 return Err("the weight's per-channel scale does not match its channels".into());
             }
         }
@@ -441,7 +439,7 @@ impl Matcher<'_> {
         if w.zp_v.iter().any(|&z| z != 0) && w.zp_v.len() > 1 {
             return Err("the weight has non-zero per-channel zero points".into());
         }
-        Ok((wq, w))
+        Ok((wq, w, channels))
     }
 
     /// The bias as i32 in the accumulator's scale (x_scale × w_scale), from either an int32
@@ -500,19 +498,10 @@ impl Matcher<'_> {
             conv.name.clone()
         };
         let x = self.activation_input(conv)?;
-        let w_shape = self
-            .index
-            .constant(
-                self.g,
-                &self.dequantized(&conv.input[1], "the weight")?.value,
-            )
-            .map(|t| t.shape().to_vec())
-            .ok_or("the weight is not a constant")?;
-        if w_shape.len() < 3 {
-            return Err("the weight has rank < 3".into());
-        }
-        let channels = w_shape[0];
-        let (_wq, w) = self.weight(&conv.input[1], 0, w_shape.len(), Some(channels))?;
+        let (_wq, w, channels) = self.weight(&conv.input[1], |shape| match shape.len() {
+            3.. => Ok(0),
+            r => Err(format!("the weight has rank {r}, expected at least 3")),
+        })?;
         let QuantizedOutput {
             consumed,
             quant: y,
@@ -579,24 +568,11 @@ impl Matcher<'_> {
         }
         let trans_b = graph::attr_int(gemm, "transB").unwrap_or(0) != 0;
         let x = self.activation_input(gemm)?;
-        let b_shape = self
-            .index
-            .constant(
-                self.g,
-                &self.dequantized(&gemm.input[1], "the weight")?.value,
-            )
-            .map(|t| t.shape().to_vec())
-            .ok_or("the weight is not a constant")?;
-        if b_shape.len() != 2 {
-            return Err("the weight is not a matrix".into());
-        }
-        let channels = if trans_b { b_shape[0] } else { b_shape[1] };
-        let (wq, w) = self.weight(
-            &gemm.input[1],
-            if trans_b { 0 } else { 1 },
-            2,
-            Some(channels),
-        )?;
+        let (wq, w, channels) = self.weight(&gemm.input[1], |shape| match shape.len() {
+            2 => Ok(if trans_b { 0 } else { 1 }),
+            _ => Err("the weight is not a matrix".into()),
+        })?;
+        let k = wq.len() / channels.max(1);
         let QuantizedOutput {
             consumed,
             quant: y,
@@ -617,12 +593,7 @@ impl Matcher<'_> {
             wq.permute_axes(&[1, 0]).map_err(|e| e.to_string())?
         };
         let w_oihw = w_oihw
-            .into_shape(&[
-                b_shape[if trans_b { 0 } else { 1 }],
-                b_shape[if trans_b { 1 } else { 0 }],
-                1,
-                1,
-            ])
+            .into_shape(&[channels, k, 1, 1])
             .map_err(|e| e.to_string())?;
         let w_name = graph::fresh_name(self.g, &format!("{name}.tern_w_oihw"));
         initializers.push(graph::initializer(&w_name, &w_oihw).ok_or("cannot encode the weight")?);
@@ -677,15 +648,10 @@ impl Matcher<'_> {
     fn match_matmul(&self, ix: usize) -> Match<Replacement> {
         let mm = self.node(ix);
         let a = self.activation_input(mm)?;
-        let b_shape = self
-            .index
-            .constant(self.g, &self.dequantized(&mm.input[1], "the weight")?.value)
-            .map(|t| t.shape().to_vec())
-            .ok_or("the weight is not a constant")?;
-        if b_shape.len() != 2 {
-            return Err("the weight is not a matrix".into());
-        }
-        let (_wq, w) = self.weight(&mm.input[1], 1, 2, Some(b_shape[1]))?;
+        let (_wq, w, _) = self.weight(&mm.input[1], |shape| match shape.len() {
+            2 => Ok(1),
+            _ => Err("the weight is not a matrix".into()),
+        })?;
         let QuantizedOutput {
             consumed,
             quant: y,
