@@ -30,10 +30,50 @@ pub enum Error {
     Execution(String),
     #[error("invalid option: {0}")]
     InvalidOption(String),
+    /// The batcher's queue is full; nothing was queued. Retry later or add capacity.
+    #[error("overloaded: the queue already holds {queued} requests")]
+    Overloaded { queued: usize },
+    /// The request's deadline passed before it could run; it was not executed.
+    #[error("timed out after {waited_ms} ms in the queue; the request was not executed")]
+    TimedOut { waited_ms: u64 },
+    #[error("shutting down: the request was not executed")]
+    ShuttingDown,
     /// A bug in tract or in Tern: a panic was caught at the boundary instead of taking the
     /// caller down.
     #[error("internal error (please report): {0}")]
     Internal(String),
+}
+
+impl Error {
+    /// The same error for another request of a failed batch (`io::Error` is not `Clone`).
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Io { path, source } => Error::Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::NotOnnx(m) => Error::NotOnnx(m.clone()),
+            Error::Prepare(m) => Error::Prepare(m.clone()),
+            Error::UnsupportedOp { op, node, reason } => Error::UnsupportedOp {
+                op: op.clone(),
+                node: node.clone(),
+                reason: reason.clone(),
+            },
+            Error::InvalidInput(m) => Error::InvalidInput(m.clone()),
+            Error::BatchTooLarge { got, max } => Error::BatchTooLarge {
+                got: *got,
+                max: *max,
+            },
+            Error::Execution(m) => Error::Execution(m.clone()),
+            Error::InvalidOption(m) => Error::InvalidOption(m.clone()),
+            Error::Overloaded { queued } => Error::Overloaded { queued: *queued },
+            Error::TimedOut { waited_ms } => Error::TimedOut {
+                waited_ms: *waited_ms,
+            },
+            Error::ShuttingDown => Error::ShuttingDown,
+            Error::Internal(m) => Error::Internal(m.clone()),
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

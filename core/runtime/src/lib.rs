@@ -14,6 +14,7 @@
 //! # Ok::<(), tern_core::Error>(())
 //! ```
 
+mod batch;
 mod error;
 mod inspect;
 mod model;
@@ -22,6 +23,10 @@ mod prepare;
 mod run;
 mod tensor;
 
+pub use batch::{
+    BatchConfig, BatchStats, Batcher, FailureReason, Histogram, RequestOptions, Response,
+    LATENCY_BOUNDS_US,
+};
 pub use error::{Error, Result};
 pub use inspect::{ExecPrecision, HeavyOp, Inspection};
 pub use model::{Model, ModelOptions, Precision};

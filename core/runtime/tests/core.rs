@@ -484,3 +484,261 @@ fn tern_adds_no_allocation_to_tracts_own_per_run() {
         }
     }
 }
+
+mod batching {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tern_core::{BatchConfig, Batcher, FailureReason, RequestOptions};
+
+    fn digits_batcher(config: BatchConfig) -> Batcher {
+        let model = Model::load(model_path("digits"), &ModelOptions::default()).unwrap();
+        Batcher::new(model, config).unwrap()
+    }
+
+    #[test]
+    fn concurrent_callers_each_get_the_output_of_their_own_input() {
+        let x = testdata("digits_test_x.npy")
+            .view()
+            .to_vec::<f32>()
+            .unwrap();
+        let model = Model::load(model_path("digits"), &ModelOptions::default()).unwrap();
+        // Unbatched reference, one row at a time.
+        let mut s = model.session().unwrap();
+        let reference: Vec<Vec<f32>> = (0..x.len() / 64)
+            .map(|i| {
+                let out = s
+                    .run(&[TensorView::new(&[1, 1, 8, 8], &x[i * 64..(i + 1) * 64])])
+                    .unwrap();
+                out.get(0).unwrap().to_vec::<f32>().unwrap()
+            })
+            .collect();
+        let config = BatchConfig {
+            max_batch_size: 16,
+            max_queue_delay: Duration::from_millis(2),
+            instances: 2,
+            ..Default::default()
+        };
+        let batcher = Arc::new(Batcher::new(model, config).unwrap());
+        let x = Arc::new(x);
+        let reference = Arc::new(reference);
+        let threads: Vec<_> = (0..16)
+            .map(|t| {
+                let (b, x, r) = (batcher.clone(), x.clone(), reference.clone());
+                std::thread::spawn(move || {
+                    for i in (t..r.len()).step_by(16) {
+                        let resp = b
+                            .infer(
+                                &[TensorView::new(&[1, 1, 8, 8], &x[i * 64..(i + 1) * 64])],
+                                &RequestOptions::default(),
+                            )
+                            .unwrap();
+                        let got = resp.get(0).unwrap();
+                        assert_eq!(got.shape(), &[1, 10]);
+                        let got = got.to_vec::<f32>().unwrap();
+                        let diff = got
+                            .iter()
+                            .zip(&r[i])
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0f32, f32::max);
+                        assert!(diff <= 1e-4, "row {i}: diff {diff}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let stats = batcher.stats();
+        assert_eq!(stats.success, reference.len() as u64);
+        assert!(
+            stats.batch_sizes.iter().any(|(n, _)| *n > 1),
+            "no batch formed: {:?}",
+            stats.batch_sizes
+        );
+        assert_eq!(stats.request.count(), reference.len() as u64);
+        println!(
+            "batch sizes {:?}, mean {:.2}",
+            stats.batch_sizes,
+            stats.mean_batch_size()
+        );
+    }
+
+    #[test]
+    fn requests_with_several_rows_get_exactly_their_rows() {
+        let b = digits_batcher(BatchConfig {
+            max_queue_delay: Duration::from_millis(1),
+            ..Default::default()
+        });
+        let x: Vec<f32> = (0..3 * 64).map(|i| (i % 17) as f32 / 16.0).collect();
+        let resp = b
+            .infer(
+                &[TensorView::new(&[3, 1, 8, 8], &x)],
+                &RequestOptions::default(),
+            )
+            .unwrap();
+        assert_eq!(resp.get(0).unwrap().shape(), &[3, 10]);
+        drop(resp);
+        let big = vec![0f32; 9 * 64];
+        let e = b
+            .infer(
+                &[TensorView::new(&[9, 1, 8, 8], &big)],
+                &RequestOptions::default(),
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "batch of 9 exceeds the configured maximum of 8"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_rejects_at_once_with_overloaded() {
+        let b = Arc::new(digits_batcher(BatchConfig {
+            max_queue_size: 1,
+            max_queue_delay: Duration::from_millis(300),
+            ..Default::default()
+        }));
+        let b2 = b.clone();
+        let queued = std::thread::spawn(move || {
+            let x = vec![0f32; 64];
+            b2.infer(
+                &[TensorView::new(&[1, 1, 8, 8], &x)],
+                &RequestOptions::default(),
+            )
+            .map(|r| r.len())
+        });
+        while b.stats().queue_depth == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let x = vec![0f32; 64];
+        let e = b
+            .infer(
+                &[TensorView::new(&[1, 1, 8, 8], &x)],
+                &RequestOptions::default(),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::Overloaded { queued: 1 }), "{e}");
+        assert_eq!(queued.join().unwrap().unwrap(), 1);
+        assert_eq!(b.stats().failures_of(FailureReason::Overloaded), 1);
+    }
+
+    #[test]
+    fn a_request_whose_deadline_passes_is_answered_and_never_executed() {
+        let b = digits_batcher(BatchConfig {
+            max_queue_delay: Duration::from_millis(500),
+            ..Default::default()
+        });
+        let x = vec![0f32; 64];
+        let opts = RequestOptions {
+            timeout: Some(Duration::from_millis(20)),
+            ..Default::default()
+        };
+        let e = b
+            .infer(&[TensorView::new(&[1, 1, 8, 8], &x)], &opts)
+            .unwrap_err();
+        assert!(matches!(e, Error::TimedOut { .. }), "{e}");
+        let stats = b.stats();
+        assert_eq!(stats.batches(), 0, "a timed-out request must not run");
+        assert_eq!(stats.failures_of(FailureReason::TimedOut), 1);
+    }
+
+    #[test]
+    fn shutdown_answers_every_queued_request() {
+        let b = Arc::new(digits_batcher(BatchConfig {
+            max_queue_delay: Duration::from_secs(30),
+            ..Default::default()
+        }));
+        let waiting: Vec<_> = (0..3)
+            .map(|_| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    let x = vec![0f32; 64];
+                    b.infer(
+                        &[TensorView::new(&[1, 1, 8, 8], &x)],
+                        &RequestOptions::default(),
+                    )
+                    .map(|_| ())
+                })
+            })
+            .collect();
+        while b.stats().queue_depth < 3 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        b.shutdown();
+        for w in waiting {
+            assert!(matches!(w.join().unwrap(), Err(Error::ShuttingDown)));
+        }
+        let x = vec![0f32; 64];
+        let e = b
+            .infer(
+                &[TensorView::new(&[1, 1, 8, 8], &x)],
+                &RequestOptions::default(),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::ShuttingDown));
+    }
+
+    #[test]
+    fn a_malformed_request_is_rejected_alone() {
+        let b = Arc::new(digits_batcher(BatchConfig {
+            max_queue_delay: Duration::from_millis(50),
+            ..Default::default()
+        }));
+        let b2 = b.clone();
+        let good = std::thread::spawn(move || {
+            let x = vec![0.5f32; 64];
+            b2.infer(
+                &[TensorView::new(&[1, 1, 8, 8], &x)],
+                &RequestOptions::default(),
+            )
+            .map(|r| r.get(0).unwrap().shape().to_vec())
+        });
+        let bad = vec![0f32; 64];
+        let e = b
+            .infer(
+                &[TensorView::new(&[1, 64], &bad)],
+                &RequestOptions::default(),
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "input `input`: expected shape [N,1,8,8] f32, got [1,64] f32"
+        );
+        let e = b
+            .infer(
+                &[TensorView::new(&[1, 1, 8, 8], &bad)],
+                &RequestOptions {
+                    priority: 3,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("priority 3 does not exist"), "{e}");
+        assert_eq!(good.join().unwrap().unwrap(), [1, 10]);
+    }
+
+    #[test]
+    fn the_callers_path_allocates_nothing_in_steady_state() {
+        let b = digits_batcher(BatchConfig {
+            max_queue_delay: Duration::ZERO,
+            ..Default::default()
+        });
+        let x = vec![0.25f32; 64];
+        let view = TensorView::new(&[1, 1, 8, 8], &x);
+        let opts = RequestOptions::default();
+        for _ in 0..300 {
+            b.infer(&[view], &opts).unwrap();
+        }
+        let before = allocations();
+        for _ in 0..100 {
+            let r = b.infer(&[view], &opts).unwrap();
+            assert_eq!(r.get(0).unwrap().shape(), &[1, 10]);
+        }
+        assert_eq!(
+            allocations() - before,
+            0,
+            "allocations on the caller's thread for 100 requests"
+        );
+    }
+}

@@ -2,4 +2,5 @@
 
 mod session;
 
+pub(crate) use session::validate;
 pub use session::{Outputs, Session};

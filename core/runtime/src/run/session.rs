@@ -130,12 +130,13 @@ impl Session {
     }
 }
 
-/// Checks inputs against the declared ones. Allocates only to write an error message.
-fn validate(
+/// Checks inputs against the declared ones and returns the batch size (1 without a batch
+/// dimension). Allocates only to write an error message.
+pub(crate) fn validate(
     declared: &[TensorInfo],
     max_batch: Option<usize>,
     inputs: &[TensorView<'_>],
-) -> Result<()> {
+) -> Result<usize> {
     if inputs.len() != declared.len() {
         let mut names = String::new();
         for (i, d) in declared.iter().enumerate() {
@@ -213,7 +214,7 @@ fn validate(
             )));
         }
     }
-    Ok(())
+    Ok(batch.unwrap_or(1))
 }
 
 /// Outputs of the last [`Session::run`], borrowed from the session without copying.
