@@ -139,3 +139,38 @@ fn bench_reports_percentiles_as_json() {
     assert!(0.0 < p50 && p50 <= p90 && p90 <= p99, "{lat}");
     assert!(doc["throughput_per_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn bench_drives_the_batcher_closed_and_open_loop() {
+    let (ok, stdout, stderr) = tern(&[
+        "bench",
+        "models/digits/1/model.onnx",
+        "--clients",
+        "8",
+        "--duration",
+        "0.5",
+        "--max-batch",
+        "4",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let report = &doc["report"];
+    assert!(report["ok"].as_u64().unwrap() > 0);
+    assert_eq!(report["ok"], report["sent"]);
+    let mean = doc["mean_batch_size"].as_f64().unwrap();
+    assert!(mean > 1.0 && mean <= 4.0, "mean batch {mean}");
+
+    let (ok, stdout, stderr) = tern(&[
+        "bench",
+        "models/digits/1/model.onnx",
+        "--rate",
+        "200",
+        "--duration",
+        "0.5",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(doc["report"]["latency_us"]["p99_us"].as_f64().unwrap() > 0.0);
+}

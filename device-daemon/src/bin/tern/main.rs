@@ -1,11 +1,15 @@
 //! `tern`: inspect, run and benchmark models.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use tern_core::{npy, DType, Dim, Model, ModelOptions, Precision, Tensor};
+use tern_core::{
+    npy, BatchConfig, Batcher, DType, Dim, Error, Model, ModelOptions, Precision, RequestOptions,
+    Tensor,
+};
+use tern_daemon::loadgen::{self, Outcome, Target};
 use tern_daemon::stats::Summary;
 
 #[derive(Parser)]
@@ -42,12 +46,15 @@ enum Command {
         #[command(flatten)]
         prep: PrepArgs,
     },
-    /// Measure latency (p50/p90/p99) and throughput of one session on random inputs.
+    /// Measure latency (p50/p90/p99) and throughput on random inputs: one session back to
+    /// back, or, with --clients/--rate, a load through the dynamic batcher.
     Bench {
         model: PathBuf,
-        /// Batch size of every request.
+        /// Rows in every request.
         #[arg(long, default_value_t = 1)]
         batch: usize,
+        #[command(flatten)]
+        load: LoadArgs,
         /// Timed iterations.
         #[arg(long, default_value_t = 200)]
         iters: usize,
@@ -59,6 +66,54 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args, Clone)]
+struct LoadArgs {
+    /// Closed loop: this many clients sending back to back through the batcher.
+    #[arg(long, conflicts_with = "rate")]
+    clients: Option<usize>,
+    /// Open loop: Poisson arrivals at this many requests per second through the batcher.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Open loop: client threads available to send (requests wait for one when all are busy).
+    #[arg(long, default_value_t = 128)]
+    concurrency: usize,
+    /// Largest batch the batcher forms (1 turns batching off).
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Window, from the oldest queued request, in microseconds.
+    #[arg(long, default_value_t = 500)]
+    max_delay_us: u64,
+    /// Preferred batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    preferred: Vec<usize>,
+    /// Queue capacity; beyond it requests are rejected as overloaded.
+    #[arg(long, default_value_t = 1024)]
+    queue: usize,
+    /// Worker instances, each with its own session.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// Per-request timeout in milliseconds.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+}
+
+impl LoadArgs {
+    fn batch_config(&self) -> BatchConfig {
+        BatchConfig {
+            max_batch_size: self.max_batch,
+            max_queue_delay: Duration::from_micros(self.max_delay_us),
+            preferred_batch_sizes: self.preferred.clone(),
+            max_queue_size: self.queue,
+            default_timeout: self.timeout_ms.map(Duration::from_millis),
+            priority_levels: 1,
+            instances: self.instances,
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -117,11 +172,18 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Bench {
             model,
             batch,
+            load,
             iters,
             warmup,
             prep,
             json,
-        } => bench(&model, &prep, batch, iters, warmup, json),
+        } => {
+            if load.clients.is_some() || load.rate.is_some() {
+                bench_load(&model, &prep, batch, &load, json)
+            } else {
+                bench(&model, &prep, batch, iters, warmup, json)
+            }
+        }
     }
 }
 
@@ -302,21 +364,8 @@ fn random_input(dtype: DType, shape: Vec<usize>, seed: &mut u64) -> Result<Tenso
     Ok(Tensor::from_bytes(dtype, shape, bytes)?)
 }
 
-fn bench(
-    path: &Path,
-    prep: &PrepArgs,
-    batch: usize,
-    iters: usize,
-    warmup: usize,
-    json: bool,
-) -> Result<()> {
-    if batch == 0 || iters == 0 {
-        bail!("--batch and --iters must be at least 1");
-    }
-    let started = Instant::now();
-    let model = load(path, prep)?;
-    let load_time = started.elapsed();
-    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+/// Random inputs for every model input, with `batch` rows.
+fn random_inputs(model: &Model, batch: usize, mut seed: u64) -> Result<Vec<Tensor>> {
     let mut tensors = vec![];
     for input in &model.info().inputs {
         let shape = input
@@ -336,6 +385,24 @@ fn bench(
         }
         tensors.push(random_input(input.dtype, shape, &mut seed)?);
     }
+    Ok(tensors)
+}
+
+fn bench(
+    path: &Path,
+    prep: &PrepArgs,
+    batch: usize,
+    iters: usize,
+    warmup: usize,
+    json: bool,
+) -> Result<()> {
+    if batch == 0 || iters == 0 {
+        bail!("--batch and --iters must be at least 1");
+    }
+    let started = Instant::now();
+    let model = load(path, prep)?;
+    let load_time = started.elapsed();
+    let tensors = random_inputs(&model, batch, 0x9E37_79B9_7F4A_7C15)?;
     let views: Vec<_> = tensors.iter().map(|t| t.view()).collect();
     let mut session = model.session()?;
     for _ in 0..warmup {
@@ -374,6 +441,98 @@ fn bench(
             s.mean_us, s.p50_us, s.p90_us, s.p99_us, s.max_us
         );
         println!("throughput {:.0} inferences/s", throughput);
+    }
+    Ok(())
+}
+
+/// Sends the same few random requests through a batcher.
+struct BatcherTarget<'a> {
+    batcher: &'a Batcher,
+    requests: Vec<Vec<Tensor>>,
+}
+
+impl Target for BatcherTarget<'_> {
+    fn call(&self, seq: u64) -> Outcome {
+        let inputs = &self.requests[seq as usize % self.requests.len()];
+        let views: Vec<_> = inputs.iter().map(|t| t.view()).collect();
+        match self.batcher.infer(&views, &RequestOptions::default()) {
+            Ok(_) => Outcome::Ok,
+            Err(Error::Overloaded { .. }) => Outcome::Rejected,
+            Err(Error::TimedOut { .. }) => Outcome::TimedOut,
+            Err(_) => Outcome::Failed,
+        }
+    }
+}
+
+fn bench_load(
+    path: &Path,
+    prep: &PrepArgs,
+    batch: usize,
+    args: &LoadArgs,
+    json: bool,
+) -> Result<()> {
+    if args.duration.is_nan() || args.duration <= 0.0 {
+        bail!("--duration must be positive");
+    }
+    let model = load(path, prep)?;
+    let requests = (0..16u64)
+        .map(|i| random_inputs(&model, batch, 0x9E37_79B9_7F4A_7C15 ^ (i + 1)))
+        .collect::<Result<Vec<_>>>()?;
+    let batcher = Batcher::new(model, args.batch_config())?;
+    let target = BatcherTarget {
+        batcher: &batcher,
+        requests,
+    };
+    let duration = Duration::from_secs_f64(args.duration);
+    let (mode, report) = match (args.clients, args.rate) {
+        (Some(c), _) => (
+            format!("closed loop, {c} clients"),
+            loadgen::closed_loop(&target, c, duration),
+        ),
+        (None, Some(r)) => (
+            format!("open loop, {r} req/s"),
+            loadgen::open_loop(&target, r, duration, args.concurrency, 0x5EED),
+        ),
+        (None, None) => unreachable!("checked by the caller"),
+    };
+    let stats = batcher.stats();
+    batcher.shutdown();
+    if json {
+        let doc = serde_json::json!({
+            "model": path.display().to_string(),
+            "mode": mode,
+            "rows_per_request": batch,
+            "max_batch": args.max_batch,
+            "max_delay_us": args.max_delay_us,
+            "instances": args.instances,
+            "report": report,
+            "mean_batch_size": stats.mean_batch_size(),
+            "batches": stats.batches(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!(
+        "model {}  {mode}  max batch {}  window {} µs  instances {}",
+        path.display(),
+        args.max_batch,
+        args.max_delay_us,
+        args.instances
+    );
+    println!(
+        "sent {}  ok {}  rejected {}  timed out {}  failed {}",
+        report.sent, report.ok, report.rejected, report.timed_out, report.failed
+    );
+    println!(
+        "throughput {:.0} requests/s  mean batch {:.2} rows",
+        report.throughput_per_s,
+        stats.mean_batch_size()
+    );
+    if let Some(s) = report.latency_us {
+        println!(
+            "latency µs: p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
+            s.p50_us, s.p90_us, s.p99_us, s.p999_us, s.max_us
+        );
     }
     Ok(())
 }
