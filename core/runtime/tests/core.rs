@@ -742,3 +742,152 @@ mod batching {
         );
     }
 }
+
+mod batch_failures {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use prost::Message;
+    use tern_core::{
+        BatchConfig, Batcher, FailureReason, Model, ModelOptions, RequestOptions, TensorView,
+    };
+    use tract_onnx::pb;
+
+    /// `out[n] = table[idx[n]]`: an index past the table fails at run time, for that batch only.
+    fn gather_model(symbolic_batch: bool) -> Vec<u8> {
+        use pb::tensor_shape_proto::{dimension::Value, Dimension};
+        let vi =
+            |name: &str, elem: pb::tensor_proto::DataType, dims: &[Value]| pb::ValueInfoProto {
+                name: name.into(),
+                r#type: Some(pb::TypeProto {
+                    value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                        elem_type: elem as i32,
+                        shape: Some(pb::TensorShapeProto {
+                            dim: dims
+                                .iter()
+                                .map(|v| Dimension {
+                                    value: Some(v.clone()),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                        }),
+                    })),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+        let table: Vec<u8> = [0f32, 1., 10., 11., 20., 21., 30., 31.]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let n = if symbolic_batch {
+            Value::DimParam("N".into())
+        } else {
+            Value::DimValue(1)
+        };
+        pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            }],
+            graph: Some(pb::GraphProto {
+                name: "gather".into(),
+                node: vec![pb::NodeProto {
+                    op_type: "Gather".into(),
+                    name: "lookup".into(),
+                    input: vec!["table".into(), "idx".into()],
+                    output: vec!["out".into()],
+                    ..Default::default()
+                }],
+                initializer: vec![pb::TensorProto {
+                    name: "table".into(),
+                    dims: vec![4, 2],
+                    data_type: pb::tensor_proto::DataType::Float as i32,
+                    raw_data: table,
+                    ..Default::default()
+                }],
+                input: vec![vi(
+                    "idx",
+                    pb::tensor_proto::DataType::Int64,
+                    std::slice::from_ref(&n),
+                )],
+                output: vec![vi(
+                    "out",
+                    pb::tensor_proto::DataType::Float,
+                    &[n, Value::DimValue(2)],
+                )],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    pub fn fixed_gather() -> Vec<u8> {
+        gather_model(false)
+    }
+
+    #[test]
+    fn a_failing_batch_fails_each_of_its_requests_and_the_batcher_keeps_serving() {
+        let model = Model::from_bytes(&gather_model(true), &ModelOptions::default()).unwrap();
+        let config = BatchConfig {
+            max_queue_delay: Duration::from_millis(200),
+            max_batch_size: 2,
+            ..Default::default()
+        };
+        let b = Arc::new(Batcher::new(model, config).unwrap());
+        let send = |b: Arc<Batcher>, idx: i64| {
+            std::thread::spawn(move || {
+                let i = [idx];
+                b.infer(&[TensorView::new(&[1], &i)], &RequestOptions::default())
+                    .map(|r| r.get(0).unwrap().to_vec::<f32>().unwrap())
+                    .map_err(|e| e.to_string())
+            })
+        };
+        // A good and a bad request share one batch (max batch 2 dispatches them together).
+        let good = send(b.clone(), 1);
+        let bad = send(b.clone(), 9);
+        let (good, bad) = (good.join().unwrap(), bad.join().unwrap());
+        assert!(
+            good.is_err() && bad.is_err(),
+            "both requests of the failed batch get the error: {good:?} {bad:?}"
+        );
+        assert_eq!(good, bad);
+        // The batcher still serves.
+        let ok = send(b.clone(), 2).join().unwrap().unwrap();
+        assert_eq!(ok, [20.0, 21.0]);
+        let stats = b.stats();
+        assert_eq!(stats.failures_of(FailureReason::Execution), 2);
+        assert_eq!(stats.success, 1);
+    }
+}
+
+#[test]
+fn a_model_without_a_batch_axis_runs_requests_one_by_one() {
+    use tern_core::{BatchConfig, Batcher, RequestOptions};
+    let model =
+        Model::from_bytes(&batch_failures::fixed_gather(), &ModelOptions::default()).unwrap();
+    assert_eq!(model.info().batch, None);
+    let b = std::sync::Arc::new(Batcher::new(model, BatchConfig::default()).unwrap());
+    assert_eq!(b.max_batch(), 1);
+    let threads: Vec<_> = (0..4i64)
+        .map(|i| {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                let idx = [i];
+                let r = b
+                    .infer(&[TensorView::new(&[1], &idx)], &RequestOptions::default())
+                    .unwrap();
+                assert_eq!(
+                    r.get(0).unwrap().to_vec::<f32>().unwrap(),
+                    [10.0 * i as f32, 10.0 * i as f32 + 1.0]
+                );
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(b.stats().batch_sizes, vec![(1, 4)]);
+}

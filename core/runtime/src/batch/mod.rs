@@ -128,6 +128,9 @@ impl std::fmt::Debug for Batcher {
     }
 }
 
+/// The end of a window is awaited by yielding rather than sleeping for the last this much.
+const SPIN: Duration = Duration::from_micros(100);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A worker that panicked mid-update cannot leave these structures inconsistent (every
     // update is a single assignment or push), so a poisoned lock is still usable.
@@ -532,11 +535,18 @@ impl Worker {
                         break rows;
                     }
                     st = match st.window.next_wakeup() {
-                        Some(t) => {
+                        // Timed waits overshoot by tens of microseconds (timer slack), which
+                        // would add to every window: sleep most of it, then yield-spin the end.
+                        Some(t) if t.saturating_duration_since(now) > SPIN => {
                             sh.work
-                                .wait_timeout(st, t.saturating_duration_since(now))
+                                .wait_timeout(st, t.saturating_duration_since(now) - SPIN)
                                 .unwrap_or_else(|p| p.into_inner())
                                 .0
+                        }
+                        Some(_) => {
+                            drop(st);
+                            std::thread::yield_now();
+                            lock(&sh.state)
                         }
                         None => sh.work.wait(st).unwrap_or_else(|p| p.into_inner()),
                     };
