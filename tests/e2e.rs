@@ -93,3 +93,182 @@ fn the_bundled_repository_runs_through_the_cli() {
     assert!(seen >= 6, "expected the six bundled models, found {seen}");
     std::fs::remove_dir_all(out_root).ok();
 }
+
+/// A Python with the stock `tritonclient[http]`, numpy and prometheus-client: `$TERN_TEST_PYTHON`
+/// if set, else a virtual environment made once under the target directory.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("TERN_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let venv = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("tern-e2e-venv");
+    let py = venv.join("bin/python");
+    let ready = py.exists()
+        && Command::new(&py)
+            .args(["-c", "import tritonclient.http, numpy, prometheus_client"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ready {
+        let ok = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "python3 -m venv failed");
+        let ok = Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "tritonclient[http]",
+                "numpy",
+                "prometheus-client",
+            ])
+            .status()
+            .unwrap()
+            .success();
+        assert!(
+            ok,
+            "pip install tritonclient[http] numpy prometheus-client failed"
+        );
+    }
+    py
+}
+
+/// A running `ternd` on a port of its choosing, stopped with SIGTERM on drop.
+struct Daemon {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        use std::io::BufRead;
+        let mut child = Command::new(binary("ternd"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("ternd listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        let d = Daemon { child, addr };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while d.get("/v2/health/ready").0 != 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ternd never became ready"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        d
+    }
+
+    /// A bare HTTP/1.1 GET: status and body.
+    fn get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(&self.addr) else {
+            return (0, String::new());
+        };
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.addr
+        )
+        .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        let status = reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (
+            status,
+            reply
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default(),
+        )
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+/// The stock tritonclient against the real daemon: metadata, binary and JSON inference checked
+/// against onnxruntime's outputs, the repository extension, a bad-input catalogue, and
+/// /metrics through a Prometheus parser. Then SIGTERM stops it cleanly.
+#[test]
+fn stock_tritonclient_drives_ternd() {
+    let python = python();
+    let repo = repo().join("models");
+    let d = Daemon::start(&[
+        "--repository",
+        repo.to_str().unwrap(),
+        "--max-body-bytes",
+        "1048576",
+    ]);
+    let out = Command::new(&python)
+        .arg(repo.join("../tests/python/kserve_client.py"))
+        .args([
+            "--url",
+            &d.addr,
+            "--repo",
+            repo.to_str().unwrap(),
+            "--max-body-bytes",
+            "1048576",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    let status = d.stop();
+    assert!(status.success(), "ternd exited with {status} on SIGTERM");
+}
+
+#[test]
+fn a_bearer_token_guards_everything_but_health() {
+    let repo = repo().join("models");
+    let d = Daemon::start(&[
+        "--repository",
+        repo.to_str().unwrap(),
+        "--bearer-token",
+        "s3cret",
+    ]);
+    assert_eq!(d.get("/v2/health/live").0, 200);
+    let (status, body) = d.get("/v2/models/digits");
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("bearer token"), "{body}");
+    assert_eq!(d.get("/metrics").0, 401);
+}

@@ -1,4 +1,60 @@
-//! Library side of `ternd` and `tern`: the pieces the binaries share.
+//! Library side of `ternd` and `tern`: the daemon's `run(config, shutdown)`, its repository,
+//! HTTP API and metrics, and the pieces the CLI shares.
 
+pub mod config;
+pub mod http;
 pub mod loadgen;
+pub mod metrics;
+pub mod repository;
 pub mod stats;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("repository `{0}` is not a directory")]
+    NoRepository(String),
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Serves the repository on `listener` until `shutdown` resolves, then stops accepting,
+/// finishes in-flight requests and returns.
+///
+/// The API answers at once (live); models load in the background and the server reports
+/// ready when they have.
+pub async fn run(
+    config: config::Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    if !config.repository.is_dir() {
+        return Err(DaemonError::NoRepository(
+            config.repository.display().to_string(),
+        ));
+    }
+    let repo = Arc::new(repository::Repository::new(
+        config.repository.clone(),
+        config.model_defaults.clone(),
+    ));
+    let state = Arc::new(http::AppState {
+        metrics: Arc::new(metrics::Metrics::new(repo.clone())),
+        repo: repo.clone(),
+        config: Arc::new(config),
+        ready: AtomicBool::new(false),
+    });
+    let loader = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let results = loader.repo.load_all();
+        let ok = results.iter().filter(|(_, r)| r.is_ok()).count();
+        log::info!("repository loaded: {ok} of {} models ready", results.len());
+        loader.ready.store(true, Ordering::Release);
+    });
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(DaemonError::Serve)
+}

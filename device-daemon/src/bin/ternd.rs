@@ -1,0 +1,97 @@
+//! `ternd`: the Tern device daemon.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tern_daemon::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "ternd",
+    version,
+    about = "Tern device daemon: serves a model repository over the KServe v2 API"
+)]
+struct Cli {
+    /// TOML configuration file (defaults: `ternd print-config`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Model repository directory.
+    #[arg(long)]
+    repository: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Require `Authorization: Bearer TOKEN` on every request but health checks.
+    #[arg(long, env = "TERND_BEARER_TOKEN")]
+    bearer_token: Option<String>,
+    /// Largest request body accepted, in bytes (larger requests get 413).
+    #[arg(long)]
+    max_body_bytes: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the effective configuration as TOML.
+    PrintConfig,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let mut config = match &cli.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(r) = cli.repository {
+        config.repository = r;
+    }
+    if let Some(l) = cli.listen {
+        config.listen = l;
+    }
+    if let Some(n) = cli.max_body_bytes {
+        config.max_body_bytes = n;
+    }
+    if cli.bearer_token.is_some() {
+        config.bearer_token = cli.bearer_token;
+    }
+    if let Some(Command::PrintConfig) = cli.command {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // Scripts and tests read this line to find a port chosen with port 0.
+    println!("ternd listening on http://{addr}");
+    std::io::stdout().flush()?;
+    tern_daemon::run(config, listener, shutdown_signal()).await?;
+    log::info!("ternd stopped");
+    Ok(())
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    log::info!("shutting down: draining in-flight requests");
+}

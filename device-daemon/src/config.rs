@@ -1,0 +1,246 @@
+//! `ternd` configuration: TOML with built-in defaults (`ternd print-config`), overridden by flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the KServe v2 HTTP API. Loopback by default: the API is local.
+    pub listen: SocketAddr,
+    /// Model repository: `REPO/MODEL/VERSION/model.onnx` (+ optional `REPO/MODEL/config.toml`).
+    pub repository: PathBuf,
+    /// Largest request body accepted, in bytes (larger: 413).
+    pub max_body_bytes: usize,
+    /// If set, every request but health checks must carry `Authorization: Bearer <token>`.
+    pub bearer_token: Option<String>,
+    /// Defaults for models whose `config.toml` does not say otherwise.
+    pub model_defaults: ModelConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8000".parse().expect("literal address"),
+            repository: PathBuf::from("models"),
+            max_body_bytes: 64 << 20,
+            bearer_token: None,
+            model_defaults: ModelConfig::default(),
+        }
+    }
+}
+
+/// Per-model settings, from `REPO/MODEL/config.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Threads per forward pass.
+    pub threads: usize,
+    /// Run f32 computation in f16.
+    pub f16: bool,
+    /// Which versions to serve.
+    pub version_policy: VersionPolicy,
+    pub batching: Batching,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            threads: 1,
+            f16: false,
+            version_policy: VersionPolicy::Latest { latest: 1 },
+            batching: Batching::default(),
+        }
+    }
+}
+
+/// Triton's version policies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum VersionPolicy {
+    /// The `latest` highest version numbers.
+    Latest { latest: usize },
+    /// Every version on disk.
+    All { all: bool },
+    /// These versions only.
+    Specific { specific: Vec<u64> },
+}
+
+impl VersionPolicy {
+    /// The versions to serve among those on disk (sorted ascending).
+    pub fn select(&self, on_disk: &[u64]) -> Vec<u64> {
+        match self {
+            VersionPolicy::Latest { latest } => {
+                on_disk[on_disk.len().saturating_sub(*latest)..].to_vec()
+            }
+            VersionPolicy::All { .. } => on_disk.to_vec(),
+            VersionPolicy::Specific { specific } => on_disk
+                .iter()
+                .copied()
+                .filter(|v| specific.contains(v))
+                .collect(),
+        }
+    }
+}
+
+/// Dynamic batching knobs (see `tern_core::BatchConfig`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Batching {
+    pub max_batch_size: usize,
+    pub max_queue_delay_us: u64,
+    pub preferred_batch_sizes: Vec<usize>,
+    pub max_queue_size: usize,
+    pub timeout_ms: Option<u64>,
+    pub priority_levels: usize,
+    pub instances: usize,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching {
+            max_batch_size: 8,
+            max_queue_delay_us: 500,
+            preferred_batch_sizes: vec![],
+            max_queue_size: 256,
+            timeout_ms: None,
+            priority_levels: 1,
+            instances: 1,
+        }
+    }
+}
+
+impl Batching {
+    pub fn to_core(&self) -> tern_core::BatchConfig {
+        tern_core::BatchConfig {
+            max_batch_size: self.max_batch_size,
+            max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
+            preferred_batch_sizes: self.preferred_batch_sizes.clone(),
+            max_queue_size: self.max_queue_size,
+            default_timeout: self.timeout_ms.map(Duration::from_millis),
+            priority_levels: self.priority_levels,
+            instances: self.instances,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration {path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+impl Config {
+    pub fn from_toml(text: &str, path: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+impl ModelConfig {
+    /// A model's `config.toml`, layered over `defaults`: keys it omits keep the daemon's values.
+    pub fn load_over(
+        defaults: &ModelConfig,
+        path: &std::path::Path,
+    ) -> Result<ModelConfig, ConfigError> {
+        if !path.exists() {
+            return Ok(defaults.clone());
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let parse = |e: toml::de::Error| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let mut base = toml::Table::try_from(defaults).expect("config serialises");
+        let over: toml::Table = toml::from_str(&text).map_err(parse)?;
+        merge(&mut base, over);
+        toml::Value::Table(base).try_into().map_err(parse)
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) if k != "version_policy" => {
+                merge(b, o)
+            }
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printed_defaults_parse_back_to_the_defaults() {
+        let c = Config::default();
+        assert_eq!(Config::from_toml(&c.to_toml(), "x").unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_not_silence() {
+        let e = Config::from_toml("listn = \"1.2.3.4:1\"", "ternd.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ternd.toml") && e.contains("listn"), "{e}");
+    }
+
+    #[test]
+    fn a_model_config_overrides_only_what_it_names() {
+        let dir = std::env::temp_dir().join(format!("ternd-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("config.toml");
+        std::fs::write(
+            &p,
+            "[batching]\nmax_batch_size = 32\n[version_policy]\nall = true\n",
+        )
+        .unwrap();
+        let c = ModelConfig::load_over(&ModelConfig::default(), &p).unwrap();
+        assert_eq!(c.batching.max_batch_size, 32);
+        assert_eq!(c.batching.max_queue_delay_us, 500);
+        assert_eq!(c.version_policy, VersionPolicy::All { all: true });
+        assert_eq!(c.version_policy.select(&[1, 2, 3]), [1, 2, 3]);
+        assert_eq!(
+            VersionPolicy::Latest { latest: 2 }.select(&[1, 2, 3]),
+            [2, 3]
+        );
+        assert_eq!(
+            VersionPolicy::Specific {
+                specific: vec![1, 9]
+            }
+            .select(&[1, 2]),
+            [1]
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

@@ -1,0 +1,438 @@
+//! The KServe v2 / Open Inference Protocol HTTP API (what Triton, KServe and MLServer serve,
+//! and what the stock `tritonclient` speaks), plus `GET /metrics`.
+//!
+//! Errors are `{"error": "..."}` with Triton's status mapping: 400 bad input, 404 unknown
+//! model or version, 413 body too large, 503 not ready / overloaded / timed out / shutting down.
+
+pub mod codec;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tern_core::{Error as CoreError, RequestOptions, TensorView};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::repository::{Loaded, RepoError, Repository};
+use codec::{dtype_to_kserve, OutputTensor};
+
+/// Shared by every handler.
+#[derive(Debug)]
+pub struct AppState {
+    pub repo: Arc<Repository>,
+    pub metrics: Arc<Metrics>,
+    pub config: Arc<Config>,
+    /// Set once the startup load of the repository has finished.
+    pub ready: AtomicBool,
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+fn bad(m: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, m.into())
+}
+
+impl From<RepoError> for ApiError {
+    fn from(e: RepoError) -> ApiError {
+        let status = match &e {
+            RepoError::InvalidName(_) => StatusCode::BAD_REQUEST,
+            RepoError::UnknownModel(_) | RepoError::UnknownVersion { .. } => StatusCode::NOT_FOUND,
+            RepoError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RepoError::Load { .. } => StatusCode::BAD_REQUEST,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> ApiError {
+        let status = match &e {
+            CoreError::InvalidInput(_) | CoreError::BatchTooLarge { .. } => StatusCode::BAD_REQUEST,
+            CoreError::Overloaded { .. } | CoreError::TimedOut { .. } | CoreError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v2/health/live", get(|| async { StatusCode::OK }))
+        .route("/v2/health/ready", get(server_ready))
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(model_metadata_v),
+        )
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready_v),
+        )
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
+        .route("/v2/models/{model}/stats", get(model_stats))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(repository_load))
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(repository_unload),
+        )
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Bearer-token check (health checks stay open) and per-route status counts.
+async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    if let Some(token) = &state.config.bearer_token {
+        let open = req.uri().path().starts_with("/v2/health/");
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let expected = format!("Bearer {token}");
+        if !open && given != Some(expected.as_str()) {
+            state.metrics.http_response(&route, 401);
+            return ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token".into(),
+            )
+            .into_response();
+        }
+    }
+    let response = next.run(req).await;
+    state
+        .metrics
+        .http_response(&route, response.status().as_u16());
+    response
+}
+
+async fn server_ready(State(s): State<Arc<AppState>>) -> StatusCode {
+    if s.ready.load(Ordering::Acquire) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn server_metadata() -> Json<serde_json::Value> {
+    Json(json!({
+        "name": "ternd",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "model_repository", "statistics"],
+    }))
+}
+
+fn parse_version(v: &str) -> ApiResult<u64> {
+    v.parse()
+        .map_err(|_| bad(format!("version `{v}` is not a number")))
+}
+
+async fn lookup(s: &AppState, model: String, version: Option<u64>) -> ApiResult<Arc<Loaded>> {
+    Ok(s.repo.get(&model, version)?)
+}
+
+fn metadata(s: &AppState, l: &Loaded) -> serde_json::Value {
+    let tensors = |ts: &[tern_core::TensorInfo]| -> Vec<serde_json::Value> {
+        ts.iter()
+            .map(|t| {
+                let shape: Vec<i64> = t
+                    .shape
+                    .iter()
+                    .map(|d| match d {
+                        tern_core::Dim::Fixed(n) => *n as i64,
+                        _ => -1,
+                    })
+                    .collect();
+                json!({"name": t.name, "datatype": dtype_to_kserve(t.dtype), "shape": shape})
+            })
+            .collect()
+    };
+    let info = l.model.info();
+    json!({
+        "name": l.name,
+        "versions": s.repo.versions(&l.name).iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+        "platform": "onnx",
+        "inputs": tensors(&info.inputs),
+        "outputs": tensors(&info.outputs),
+    })
+}
+
+async fn model_metadata(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let l = lookup(&s, model, None).await?;
+    Ok(Json(metadata(&s, &l)))
+}
+
+async fn model_metadata_v(
+    State(s): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let l = lookup(&s, model, Some(parse_version(&version)?)).await?;
+    Ok(Json(metadata(&s, &l)))
+}
+
+async fn model_ready(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> ApiResult<StatusCode> {
+    lookup(&s, model, None).await.map(|_| StatusCode::OK)
+}
+
+async fn model_ready_v(
+    State(s): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    lookup(&s, model, Some(parse_version(&version)?))
+        .await
+        .map(|_| StatusCode::OK)
+}
+
+async fn infer(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    run_infer(s, model, None, headers, body).await
+}
+
+async fn infer_v(
+    State(s): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let version = parse_version(&version)?;
+    run_infer(s, model, Some(version), headers, body).await
+}
+
+const HEADER_LEN: &str = "inference-header-content-length";
+
+async fn run_infer(
+    s: Arc<AppState>,
+    model: String,
+    version: Option<u64>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let loaded = lookup(&s, model, version).await?;
+    let limit = s.config.max_body_bytes;
+    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds the {limit}-byte limit"),
+        )
+    })?;
+    let header_len = match headers.get(HEADER_LEN) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| bad("Inference-Header-Content-Length must be a byte count"))?,
+        ),
+    };
+    let request = codec::parse_request(header_len, &body).map_err(|e| bad(e.to_string()))?;
+    let info = loaded.model.info();
+    // Inputs go to the model in its declared order, whatever order the request used.
+    let mut ordered: Vec<Option<&codec::InputTensor>> = vec![None; info.inputs.len()];
+    for input in &request.inputs {
+        let ix = info
+            .input_index(&input.name)
+            .map_err(|e| bad(e.to_string()))?;
+        if ordered[ix].replace(input).is_some() {
+            return Err(bad(format!("input `{}` given twice", input.name)));
+        }
+    }
+    if let Some(missing) = info.inputs.iter().zip(&ordered).find(|(_, o)| o.is_none()) {
+        return Err(bad(format!("missing input `{}`", missing.0.name)));
+    }
+    let mut wanted: Vec<(usize, bool)> = vec![];
+    if request.outputs.is_empty() {
+        wanted.extend((0..info.outputs.len()).map(|i| (i, request.binary_output)));
+    } else {
+        for (name, binary) in &request.outputs {
+            let ix = info
+                .outputs
+                .iter()
+                .position(|o| &o.name == name)
+                .ok_or_else(|| bad(format!("unknown output `{name}`")))?;
+            wanted.push((ix, binary.unwrap_or(request.binary_output)));
+        }
+    }
+    let inputs: Vec<codec::InputTensor> = {
+        let mut by_position: Vec<Option<usize>> = vec![None; info.inputs.len()];
+        for (pos, slot) in ordered.iter().enumerate() {
+            by_position[pos] = request
+                .inputs
+                .iter()
+                .position(|i| std::ptr::eq(i, slot.expect("checked")));
+        }
+        let mut taken: Vec<Option<codec::InputTensor>> =
+            request.inputs.into_iter().map(Some).collect();
+        by_position
+            .into_iter()
+            .map(|p| taken[p.expect("checked")].take().expect("each once"))
+            .collect()
+    };
+    let worker = loaded.clone();
+    let outputs = tokio::task::spawn_blocking(move || -> Result<Vec<OutputTensor>, CoreError> {
+        let views: Vec<TensorView<'_>> = inputs
+            .iter()
+            .map(|i| TensorView::from_bytes(i.dtype, &i.shape, &i.data))
+            .collect();
+        let response = worker.batcher.infer(&views, &RequestOptions::default())?;
+        let info = worker.model.info();
+        Ok(wanted
+            .iter()
+            .map(|&(ix, binary)| {
+                let v = response.get(ix).expect("declared output");
+                OutputTensor {
+                    name: info.outputs[ix].name.clone(),
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    data: v.bytes().to_vec(),
+                    binary,
+                }
+            })
+            .collect())
+    })
+    .await
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("inference task failed: {e}"),
+        )
+    })??;
+    let (header_len, body) = codec::encode_response(
+        &loaded.name,
+        loaded.version,
+        request.id.as_deref(),
+        &outputs,
+    );
+    let mut response = Response::new(Body::from(body));
+    let h = response.headers_mut();
+    match header_len {
+        Some(n) => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            h.insert(HEADER_LEN, HeaderValue::from(n));
+        }
+        None => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+    }
+    Ok(response)
+}
+
+async fn model_stats(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let l = lookup(&s, model, None).await?;
+    let st = l.batcher.stats();
+    let ns = |h: &tern_core::Histogram| json!({"count": h.count(), "ns": h.sum_us * 1000});
+    Ok(Json(json!({
+        "model_stats": [{
+            "name": l.name,
+            "version": l.version.to_string(),
+            "inference_count": st.batch_sizes.iter().map(|(n, c)| *n as u64 * c).sum::<u64>(),
+            "execution_count": st.batches(),
+            "inference_stats": {
+                "success": ns(&st.request),
+                "fail": {"count": st.failures.iter().map(|(_, c)| c).sum::<u64>()},
+                "queue": ns(&st.queue_wait),
+                "compute_infer": ns(&st.compute),
+            },
+            "batch_stats": st.batch_sizes.iter().map(|(n, c)| json!({"batch_size": n, "count": c})).collect::<Vec<_>>(),
+            "pending_requests": st.queue_depth,
+        }]
+    })))
+}
+
+async fn repository_index(
+    State(s): State<Arc<AppState>>,
+) -> Json<Vec<crate::repository::IndexEntry>> {
+    Json(s.repo.index())
+}
+
+async fn repository_load(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> ApiResult<StatusCode> {
+    crate::repository::check_name(&model)?;
+    let repo = s.repo.clone();
+    tokio::task::spawn_blocking(move || repo.load(&model))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("load task failed: {e}"),
+            )
+        })??;
+    Ok(StatusCode::OK)
+}
+
+async fn repository_unload(
+    State(s): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> ApiResult<StatusCode> {
+    let repo = s.repo.clone();
+    tokio::task::spawn_blocking(move || repo.unload(&model))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("unload task failed: {e}"),
+            )
+        })??;
+    Ok(StatusCode::OK)
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let text = s.metrics.render();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}

@@ -1,0 +1,328 @@
+//! The model repository: `REPO/MODEL/VERSION/model.onnx`, with an optional
+//! `REPO/MODEL/config.toml`. Each served version is a prepared model behind a dynamic batcher;
+//! a version is READY only after its warm-up succeeded.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tern_core::{Batcher, Model, ModelOptions, Precision};
+
+use crate::config::ModelConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(
+        "invalid model name `{0}`: use letters, digits, `_`, `-` and `.` (not starting with `.`)"
+    )]
+    InvalidName(String),
+    #[error("unknown model `{0}`")]
+    UnknownModel(String),
+    #[error("model `{name}` has no version {version}")]
+    UnknownVersion { name: String, version: u64 },
+    #[error("model `{0}` is not loaded")]
+    NotReady(String),
+    #[error("model `{name}` failed to load: {message}")]
+    Load { name: String, message: String },
+}
+
+/// One served version.
+pub struct Loaded {
+    pub name: String,
+    pub version: u64,
+    pub model: Model,
+    pub batcher: Batcher,
+    /// File to first result: read, prepare, warm up.
+    pub load_time: Duration,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+/// What the repository index reports for one model version.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IndexEntry {
+    pub name: String,
+    pub version: String,
+    pub state: String,
+    pub reason: String,
+}
+
+#[derive(Default)]
+struct ModelState {
+    versions: BTreeMap<u64, Arc<Loaded>>,
+    /// The last load failure, reported by the index.
+    error: Option<String>,
+}
+
+/// Shared by every request handler; loading happens on the caller's (blocking) thread.
+pub struct Repository {
+    root: PathBuf,
+    defaults: ModelConfig,
+    models: RwLock<BTreeMap<String, ModelState>>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Model names become path components: anything that could leave the repository is refused.
+pub fn check_name(name: &str) -> Result<(), RepoError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RepoError::InvalidName(name.chars().take(64).collect()))
+    }
+}
+
+impl Repository {
+    pub fn new(root: PathBuf, defaults: ModelConfig) -> Repository {
+        Repository {
+            root,
+            defaults,
+            models: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Model directories on disk: those with at least one numeric version holding a model.onnx.
+    pub fn on_disk(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return vec![];
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| check_name(n).is_ok() && !self.versions_on_disk(n).is_empty())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn versions_on_disk(&self, name: &str) -> Vec<u64> {
+        let Ok(entries) = std::fs::read_dir(self.root.join(name)) else {
+            return vec![];
+        };
+        let mut v: Vec<u64> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()))
+            .filter(|v| {
+                self.root
+                    .join(name)
+                    .join(v.to_string())
+                    .join("model.onnx")
+                    .is_file()
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Loads (or reloads) a model: the versions its policy selects, each prepared and warmed
+    /// up before it becomes visible. Versions no longer selected are dropped.
+    pub fn load(&self, name: &str) -> Result<Vec<u64>, RepoError> {
+        check_name(name)?;
+        let on_disk = self.versions_on_disk(name);
+        if on_disk.is_empty() {
+            return Err(RepoError::UnknownModel(name.into()));
+        }
+        let result = self.load_versions(name, &on_disk);
+        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        let state = models.entry(name.into()).or_default();
+        match result {
+            Ok(loaded) => {
+                state.versions = loaded
+                    .into_iter()
+                    .map(|l| (l.version, Arc::new(l)))
+                    .collect();
+                state.error = None;
+                Ok(state.versions.keys().copied().collect())
+            }
+            Err(message) => {
+                state.error = Some(message.clone());
+                Err(RepoError::Load {
+                    name: name.into(),
+                    message,
+                })
+            }
+        }
+    }
+
+    fn load_versions(&self, name: &str, on_disk: &[u64]) -> Result<Vec<Loaded>, String> {
+        let dir = self.root.join(name);
+        let config = ModelConfig::load_over(&self.defaults, &dir.join("config.toml"))
+            .map_err(|e| e.to_string())?;
+        let wanted = config.version_policy.select(on_disk);
+        if wanted.is_empty() {
+            return Err("the version policy selects no version on disk".into());
+        }
+        let options = ModelOptions {
+            threads: config.threads,
+            precision: if config.f16 {
+                Precision::F16
+            } else {
+                Precision::AsStored
+            },
+            ..Default::default()
+        };
+        wanted
+            .into_iter()
+            .map(|version| {
+                let started = Instant::now();
+                let path = dir.join(version.to_string()).join("model.onnx");
+                let model =
+                    Model::load(&path, &options).map_err(|e| format!("version {version}: {e}"))?;
+                // Batcher::new warms up every instance's session before returning.
+                let batcher = Batcher::new(model.clone(), config.batching.to_core())
+                    .map_err(|e| format!("version {version}: {e}"))?;
+                let load_time = started.elapsed();
+                log::info!("loaded {name} version {version} in {load_time:?}");
+                Ok(Loaded {
+                    name: name.into(),
+                    version,
+                    model,
+                    batcher,
+                    load_time,
+                })
+            })
+            .collect()
+    }
+
+    pub fn unload(&self, name: &str) -> Result<(), RepoError> {
+        check_name(name)?;
+        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        match models.remove(name) {
+            Some(state) if !state.versions.is_empty() => Ok(()),
+            _ => Err(RepoError::NotReady(name.into())),
+        }
+    }
+
+    /// Loads every model on disk; failures are logged and reported by the index.
+    pub fn load_all(&self) -> Vec<(String, Result<Vec<u64>, RepoError>)> {
+        self.on_disk()
+            .into_iter()
+            .map(|name| {
+                let r = self.load(&name);
+                if let Err(e) = &r {
+                    log::error!("{e}");
+                }
+                (name, r)
+            })
+            .collect()
+    }
+
+    /// A served version: the given one, or the highest.
+    pub fn get(&self, name: &str, version: Option<u64>) -> Result<Arc<Loaded>, RepoError> {
+        check_name(name)?;
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        let Some(state) = models.get(name).filter(|s| !s.versions.is_empty()) else {
+            return Err(if self.versions_on_disk(name).is_empty() {
+                RepoError::UnknownModel(name.into())
+            } else {
+                RepoError::NotReady(name.into())
+            });
+        };
+        match version {
+            Some(v) => state
+                .versions
+                .get(&v)
+                .cloned()
+                .ok_or(RepoError::UnknownVersion {
+                    name: name.into(),
+                    version: v,
+                }),
+            None => Ok(state
+                .versions
+                .values()
+                .next_back()
+                .cloned()
+                .expect("non-empty")),
+        }
+    }
+
+    /// Versions served for `name`.
+    pub fn versions(&self, name: &str) -> Vec<u64> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models
+            .get(name)
+            .map(|s| s.versions.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every loaded version, for metrics.
+    pub fn loaded(&self) -> Vec<Arc<Loaded>> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models
+            .values()
+            .flat_map(|s| s.versions.values().cloned())
+            .collect()
+    }
+
+    /// Triton's repository index: every model on disk with its state.
+    pub fn index(&self) -> Vec<IndexEntry> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        let mut out = vec![];
+        for name in self.on_disk() {
+            match models.get(&name) {
+                Some(s) if !s.versions.is_empty() => {
+                    out.extend(s.versions.keys().map(|v| IndexEntry {
+                        name: name.clone(),
+                        version: v.to_string(),
+                        state: "READY".into(),
+                        reason: String::new(),
+                    }))
+                }
+                Some(ModelState { error: Some(e), .. }) => out.push(IndexEntry {
+                    name: name.clone(),
+                    version: String::new(),
+                    state: "UNAVAILABLE".into(),
+                    reason: e.clone(),
+                }),
+                _ => out.push(IndexEntry {
+                    name: name.clone(),
+                    version: String::new(),
+                    state: "UNAVAILABLE".into(),
+                    reason: "unloaded".into(),
+                }),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_could_escape_the_repository_are_refused() {
+        for bad in [
+            "", "..", "../etc", "a/b", ".hidden", "a\\b", "x\0y", "%2e%2e",
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["digits", "digits-int8-qdq", "res_block.v2"] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+    }
+}
