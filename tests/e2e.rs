@@ -272,3 +272,41 @@ fn a_bearer_token_guards_everything_but_health() {
     assert!(body.contains("bearer token"), "{body}");
     assert_eq!(d.get("/metrics").0, 401);
 }
+
+#[test]
+fn tern_bench_drives_ternd_over_http() {
+    let repo = repo().join("models");
+    let d = Daemon::start(&["--repository", repo.to_str().unwrap()]);
+    let out = Command::new(binary("tern"))
+        .args([
+            "bench",
+            "digits-int8-qdq",
+            "--url",
+            &format!("http://{}", d.addr),
+        ])
+        .args(["--clients", "4", "--duration", "0.5", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ok = |field: &str| -> u64 {
+        let key = format!("\"{field}\": ");
+        let at = stdout
+            .find(&key)
+            .unwrap_or_else(|| panic!("no {field} in {stdout}"))
+            + key.len();
+        stdout[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(ok("ok") > 0, "{stdout}");
+    assert_eq!(ok("failed"), 0, "{stdout}");
+    assert_eq!(ok("ok"), ok("sent"), "{stdout}");
+}

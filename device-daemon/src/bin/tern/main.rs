@@ -73,6 +73,10 @@ struct LoadArgs {
     /// Closed loop: this many clients sending back to back through the batcher.
     #[arg(long, conflicts_with = "rate")]
     clients: Option<usize>,
+    /// Send the load to a running ternd (KServe v2, binary tensors) at this base URL, e.g.
+    /// http://127.0.0.1:8000, instead of an in-process batcher. MODEL is then the served name.
+    #[arg(long)]
+    url: Option<String>,
     /// Open loop: Poisson arrivals at this many requests per second through the batcher.
     #[arg(long)]
     rate: Option<f64>,
@@ -178,7 +182,9 @@ fn real_main(cli: Cli) -> Result<()> {
             prep,
             json,
         } => {
-            if load.clients.is_some() || load.rate.is_some() {
+            if let Some(url) = &load.url {
+                bench_http(url, &model, batch, &load, json)
+            } else if load.clients.is_some() || load.rate.is_some() {
                 bench_load(&model, &prep, batch, &load, json)
             } else {
                 bench(&model, &prep, batch, iters, warmup, json)
@@ -528,6 +534,133 @@ fn bench_load(
         report.throughput_per_s,
         stats.mean_batch_size()
     );
+    if let Some(s) = report.latency_us {
+        println!(
+            "latency µs: p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
+            s.p50_us, s.p90_us, s.p99_us, s.p999_us, s.max_us
+        );
+    }
+    Ok(())
+}
+
+/// Posts the same binary-encoded KServe v2 request to a running ternd.
+struct HttpTarget {
+    agent: ureq::Agent,
+    url: String,
+    header_len: usize,
+    body: Vec<u8>,
+}
+
+impl Target for HttpTarget {
+    fn call(&self, _seq: u64) -> Outcome {
+        let sent = self
+            .agent
+            .post(&self.url)
+            .header(
+                "Inference-Header-Content-Length",
+                self.header_len.to_string(),
+            )
+            .send(&self.body[..]);
+        match sent {
+            Ok(mut r) => {
+                let status = r.status().as_u16();
+                let body = r.body_mut().read_to_vec();
+                match (status, body) {
+                    (200, Ok(_)) => Outcome::Ok,
+                    (503, Ok(b)) if String::from_utf8_lossy(&b).contains("timed out") => {
+                        Outcome::TimedOut
+                    }
+                    (503, _) => Outcome::Rejected,
+                    _ => Outcome::Failed,
+                }
+            }
+            Err(_) => Outcome::Failed,
+        }
+    }
+}
+
+fn bench_http(base: &str, model: &Path, batch: usize, args: &LoadArgs, json: bool) -> Result<()> {
+    let name = model.to_str().context("model name must be UTF-8")?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let base = base.trim_end_matches('/');
+    let mut meta = agent
+        .get(format!("{base}/v2/models/{name}"))
+        .call()
+        .with_context(|| format!("GET {base}/v2/models/{name}"))?;
+    let meta: serde_json::Value = serde_json::from_slice(&meta.body_mut().read_to_vec()?)?;
+    let inputs = meta["inputs"]
+        .as_array()
+        .ok_or_else(|| anyhow!("model metadata has no inputs: {meta}"))?;
+    // Random inputs from the served metadata (-1 dims become the batch).
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut header_inputs = vec![];
+    let mut binary = vec![];
+    for i in inputs {
+        let dtype_name = i["datatype"].as_str().unwrap_or_default();
+        let dtype = match dtype_name {
+            "FP32" => DType::F32,
+            "FP16" => DType::F16,
+            "INT8" => DType::I8,
+            "UINT8" => DType::U8,
+            "INT32" => DType::I32,
+            "INT64" => DType::I64,
+            "BOOL" => DType::Bool,
+            other => bail!("unsupported datatype {other}"),
+        };
+        let shape: Vec<usize> = i["shape"]
+            .as_array()
+            .and_then(|s| {
+                s.iter()
+                    .map(|d| d.as_i64().map(|d| if d < 0 { batch } else { d as usize }))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .ok_or_else(|| anyhow!("bad shape in metadata: {i}"))?;
+        let t = random_input(dtype, shape.clone(), &mut seed)?;
+        header_inputs.push(serde_json::json!({"name": i["name"], "shape": shape, "datatype": dtype_name, "parameters": {"binary_data_size": t.bytes().len()}}));
+        binary.extend_from_slice(t.bytes());
+    }
+    let mut body = serde_json::to_vec(
+        &serde_json::json!({"inputs": header_inputs, "parameters": {"binary_data_output": true}}),
+    )?;
+    let header_len = body.len();
+    body.extend_from_slice(&binary);
+    let target = HttpTarget {
+        agent,
+        url: format!("{base}/v2/models/{name}/infer"),
+        header_len,
+        body,
+    };
+    if target.call(0) != Outcome::Ok {
+        bail!("a first request to {} failed", target.url);
+    }
+    let duration = Duration::from_secs_f64(args.duration);
+    let (mode, report) = match args.rate {
+        Some(r) => (
+            format!("open loop, {r} req/s"),
+            loadgen::open_loop(&target, r, duration, args.concurrency, 0x5EED),
+        ),
+        None => {
+            let c = args.clients.unwrap_or(1);
+            (
+                format!("closed loop, {c} clients"),
+                loadgen::closed_loop(&target, c, duration),
+            )
+        }
+    };
+    if json {
+        let doc = serde_json::json!({"url": target.url, "mode": mode, "rows_per_request": batch, "report": report});
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!("{}  {mode}", target.url);
+    println!(
+        "sent {}  ok {}  rejected {}  timed out {}  failed {}",
+        report.sent, report.ok, report.rejected, report.timed_out, report.failed
+    );
+    println!("throughput {:.0} requests/s", report.throughput_per_s);
     if let Some(s) = report.latency_us {
         println!(
             "latency µs: p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
