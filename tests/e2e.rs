@@ -310,3 +310,85 @@ fn tern_bench_drives_ternd_over_http() {
     assert_eq!(ok("failed"), 0, "{stdout}");
     assert_eq!(ok("ok"), ok("sent"), "{stdout}");
 }
+
+/// A new version dropped into the repository is loaded, warmed up and swapped in while load
+/// runs, and not one request fails.
+#[test]
+fn a_new_version_hot_swaps_under_load_with_no_failed_request() {
+    let root = std::env::temp_dir().join(format!("tern-e2e-swap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("digits/1")).unwrap();
+    std::fs::copy(
+        repo().join("models/digits/1/model.onnx"),
+        root.join("digits/1/model.onnx"),
+    )
+    .unwrap();
+    let d = Daemon::start(&[
+        "--repository",
+        root.to_str().unwrap(),
+        "--poll-interval-ms",
+        "100",
+    ]);
+    assert!(d.get("/v2/models/digits").1.contains(r#""versions":["1"]"#));
+    let addr = d.addr.clone();
+    let load = std::thread::spawn(move || {
+        Command::new(binary("tern"))
+            .args([
+                "bench",
+                "digits",
+                "--url",
+                &format!("http://{addr}"),
+                "--clients",
+                "4",
+                "--duration",
+                "3",
+                "--json",
+            ])
+            .output()
+            .unwrap()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    // Versions are published atomically: written aside, then renamed into place.
+    let staging = root.join(".staging-2");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::copy(
+        repo().join("models/digits-int8-qdq/1/model.onnx"),
+        staging.join("model.onnx"),
+    )
+    .unwrap();
+    std::fs::rename(&staging, root.join("digits/2")).unwrap();
+    let out = load.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    let field = |name: &str| -> u64 {
+        let key = format!("\"{name}\": ");
+        let at = report
+            .find(&key)
+            .unwrap_or_else(|| panic!("no {name} in {report}"))
+            + key.len();
+        report[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(field("ok") > 100, "{report}");
+    assert_eq!(
+        (field("failed"), field("rejected"), field("timed_out")),
+        (0, 0, 0),
+        "{report}"
+    );
+    assert_eq!(field("ok"), field("sent"), "{report}");
+    let (_, meta) = d.get("/v2/models/digits");
+    assert!(
+        meta.contains(r#""versions":["2"]"#),
+        "version 2 serves after the swap: {meta}"
+    );
+    drop(d);
+    std::fs::remove_dir_all(root).ok();
+}

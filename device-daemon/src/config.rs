@@ -18,6 +18,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// If set, every request but health checks must carry `Authorization: Bearer <token>`.
     pub bearer_token: Option<String>,
+    /// If set, the repository is rescanned this often and new versions are loaded and swapped
+    /// in (old ones finish their requests first).
+    pub poll_interval_ms: Option<u64>,
     /// Defaults for models whose `config.toml` does not say otherwise.
     pub model_defaults: ModelConfig,
 }
@@ -29,6 +32,7 @@ impl Default for Config {
             repository: PathBuf::from("models"),
             max_body_bytes: 64 << 20,
             bearer_token: None,
+            poll_interval_ms: None,
             model_defaults: ModelConfig::default(),
         }
     }

@@ -46,6 +46,21 @@ pub async fn run(
         config: Arc::new(config),
         ready: AtomicBool::new(false),
     });
+    if let Some(ms) = state.config.poll_interval_ms {
+        let poller = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(ms.max(10)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !poller.ready.load(Ordering::Acquire) {
+                    continue;
+                }
+                let repo = poller.repo.clone();
+                let _ = tokio::task::spawn_blocking(move || repo.poll()).await;
+            }
+        });
+    }
     let loader = state.clone();
     tokio::task::spawn_blocking(move || {
         let results = loader.repo.load_all();

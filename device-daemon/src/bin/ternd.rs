@@ -30,6 +30,9 @@ struct Cli {
     /// Largest request body accepted, in bytes (larger requests get 413).
     #[arg(long)]
     max_body_bytes: Option<usize>,
+    /// Rescan the repository this often (ms) and hot-swap new versions in.
+    #[arg(long)]
+    poll_interval_ms: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -53,6 +56,9 @@ async fn main() -> Result<()> {
     }
     if let Some(l) = cli.listen {
         config.listen = l;
+    }
+    if cli.poll_interval_ms.is_some() {
+        config.poll_interval_ms = cli.poll_interval_ms;
     }
     if let Some(n) = cli.max_body_bytes {
         config.max_body_bytes = n;

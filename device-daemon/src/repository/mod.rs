@@ -67,6 +67,8 @@ pub struct Repository {
     root: PathBuf,
     defaults: ModelConfig,
     models: RwLock<BTreeMap<String, ModelState>>,
+    /// Version selections the poller failed to load, per model.
+    poll_failed: std::sync::Mutex<BTreeMap<String, Vec<u64>>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -98,6 +100,7 @@ impl Repository {
             root,
             defaults,
             models: RwLock::new(BTreeMap::new()),
+            poll_failed: Default::default(),
         }
     }
 
@@ -146,15 +149,22 @@ impl Repository {
         if on_disk.is_empty() {
             return Err(RepoError::UnknownModel(name.into()));
         }
-        let result = self.load_versions(name, &on_disk);
+        let current: BTreeMap<u64, Arc<Loaded>> = {
+            let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+            models
+                .get(name)
+                .map(|s| s.versions.clone())
+                .unwrap_or_default()
+        };
+        // New versions are prepared and warmed up here, outside the lock, while the current
+        // ones keep serving; the swap below is one map assignment. Requests hold an `Arc` of
+        // the version they started on, so an old version finishes its requests before it drops.
+        let result = self.load_versions(name, &on_disk, &current);
         let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
         let state = models.entry(name.into()).or_default();
         match result {
             Ok(loaded) => {
-                state.versions = loaded
-                    .into_iter()
-                    .map(|l| (l.version, Arc::new(l)))
-                    .collect();
+                state.versions = loaded.into_iter().map(|l| (l.version, l)).collect();
                 state.error = None;
                 Ok(state.versions.keys().copied().collect())
             }
@@ -168,7 +178,12 @@ impl Repository {
         }
     }
 
-    fn load_versions(&self, name: &str, on_disk: &[u64]) -> Result<Vec<Loaded>, String> {
+    fn load_versions(
+        &self,
+        name: &str,
+        on_disk: &[u64],
+        current: &BTreeMap<u64, Arc<Loaded>>,
+    ) -> Result<Vec<Arc<Loaded>>, String> {
         let dir = self.root.join(name);
         let config = ModelConfig::load_over(&self.defaults, &dir.join("config.toml"))
             .map_err(|e| e.to_string())?;
@@ -188,6 +203,9 @@ impl Repository {
         wanted
             .into_iter()
             .map(|version| {
+                if let Some(loaded) = current.get(&version) {
+                    return Ok(loaded.clone());
+                }
                 let started = Instant::now();
                 let path = dir.join(version.to_string()).join("model.onnx");
                 let model =
@@ -197,15 +215,48 @@ impl Repository {
                     .map_err(|e| format!("version {version}: {e}"))?;
                 let load_time = started.elapsed();
                 log::info!("loaded {name} version {version} in {load_time:?}");
-                Ok(Loaded {
+                Ok(Arc::new(Loaded {
                     name: name.into(),
                     version,
                     model,
                     batcher,
                     load_time,
-                })
+                }))
             })
             .collect()
+    }
+
+    /// Loads models whose versions on disk changed (new version directories appeared, or a new
+    /// model), for `poll_interval_ms`. Returns the models it (re)loaded.
+    pub fn poll(&self) -> Vec<String> {
+        let mut changed = vec![];
+        for name in self.on_disk() {
+            let on_disk = self.versions_on_disk(&name);
+            let dir = self.root.join(&name);
+            let Ok(config) = ModelConfig::load_over(&self.defaults, &dir.join("config.toml"))
+            else {
+                continue;
+            };
+            let wanted = config.version_policy.select(&on_disk);
+            let served = self.versions(&name);
+            let mut failed = self.poll_failed.lock().unwrap_or_else(|p| p.into_inner());
+            // A selection that failed to load is not retried until the files change.
+            if wanted == served || failed.get(&name) == Some(&wanted) {
+                continue;
+            }
+            log::info!("repository poll: {name} versions {served:?} -> {wanted:?}");
+            match self.load(&name) {
+                Ok(_) => {
+                    failed.remove(&name);
+                    changed.push(name);
+                }
+                Err(e) => {
+                    log::error!("{e}");
+                    failed.insert(name, wanted);
+                }
+            }
+        }
+        changed
     }
 
     pub fn unload(&self, name: &str) -> Result<(), RepoError> {
