@@ -179,16 +179,25 @@ impl Daemon {
         d
     }
 
-    /// A bare HTTP/1.1 GET: status and body.
     fn get(&self, path: &str) -> (u16, String) {
+        self.request("GET", path, "")
+    }
+
+    fn post(&self, path: &str, body: &str) -> (u16, String) {
+        self.request("POST", path, body)
+    }
+
+    /// A bare HTTP/1.1 request: status and body.
+    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
         use std::io::{Read, Write};
         let Ok(mut s) = std::net::TcpStream::connect(&self.addr) else {
             return (0, String::new());
         };
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.addr
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
         )
         .unwrap();
         let mut reply = String::new();
@@ -389,6 +398,54 @@ fn a_new_version_hot_swaps_under_load_with_no_failed_request() {
         meta.contains(r#""versions":["2"]"#),
         "version 2 serves after the swap: {meta}"
     );
+    drop(d);
+    std::fs::remove_dir_all(root).ok();
+}
+
+/// With a memory budget that holds two of three models, using the third evicts the least
+/// recently used idle one, and a request to an evicted model reloads it.
+#[test]
+fn the_memory_budget_evicts_the_least_recently_used_model_and_reloads_on_demand() {
+    let root = std::env::temp_dir().join(format!("tern-e2e-budget-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let file = repo().join("models/digits/1/model.onnx");
+    let footprint = 2 * std::fs::metadata(&file).unwrap().len();
+    for m in ["a", "b", "c"] {
+        std::fs::create_dir_all(root.join(m).join("1")).unwrap();
+        std::fs::copy(&file, root.join(m).join("1/model.onnx")).unwrap();
+    }
+    let budget = (2 * footprint + footprint / 2).to_string();
+    let d = Daemon::start(&[
+        "--repository",
+        root.to_str().unwrap(),
+        "--memory-budget",
+        &budget,
+    ]);
+    let evicted = |d: &Daemon| -> Vec<String> {
+        let (_, index) = d.post("/v2/repository/index", "");
+        ["a", "b", "c"]
+            .iter()
+            .filter(|m| {
+                index.contains(&format!(
+                    r#""name":"{m}","version":"","state":"UNAVAILABLE","reason":"evicted"#
+                ))
+            })
+            .map(|m| m.to_string())
+            .collect()
+    };
+    // Loaded in order a, b, c: loading c evicted a, the least recently used.
+    assert_eq!(evicted(&d), ["a"]);
+    let zeros = vec!["0"; 64].join(",");
+    let body = format!(
+        r#"{{"inputs":[{{"name":"input","shape":[1,1,8,8],"datatype":"FP32","data":[{zeros}]}}]}}"#
+    );
+    let (status, reply) = d.post("/v2/models/b/infer", &body);
+    assert_eq!(status, 200, "{reply}");
+    // a comes back on demand; c is now the least recently used idle model.
+    let (status, reply) = d.post("/v2/models/a/infer", &body);
+    assert_eq!(status, 200, "{reply}");
+    assert!(reply.contains(r#""model_name":"a""#), "{reply}");
+    assert_eq!(evicted(&d), ["c"]);
     drop(d);
     std::fs::remove_dir_all(root).ok();
 }

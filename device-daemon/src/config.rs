@@ -21,6 +21,9 @@ pub struct Config {
     /// If set, the repository is rescanned this often and new versions are loaded and swapped
     /// in (old ones finish their requests first).
     pub poll_interval_ms: Option<u64>,
+    /// Estimated bytes all loaded models may hold together; loading past it evicts the least
+    /// recently used idle model, which reloads on its next request.
+    pub memory_budget_bytes: Option<u64>,
     /// Defaults for models whose `config.toml` does not say otherwise.
     pub model_defaults: ModelConfig,
 }
@@ -33,6 +36,7 @@ impl Default for Config {
             max_body_bytes: 64 << 20,
             bearer_token: None,
             poll_interval_ms: None,
+            memory_budget_bytes: None,
             model_defaults: ModelConfig::default(),
         }
     }

@@ -39,6 +39,7 @@ pub async fn run(
     let repo = Arc::new(repository::Repository::new(
         config.repository.clone(),
         config.model_defaults.clone(),
+        config.memory_budget_bytes,
     ));
     let state = Arc::new(http::AppState {
         metrics: Arc::new(metrics::Metrics::new(repo.clone())),

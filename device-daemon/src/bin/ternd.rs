@@ -30,6 +30,10 @@ struct Cli {
     /// Largest request body accepted, in bytes (larger requests get 413).
     #[arg(long)]
     max_body_bytes: Option<usize>,
+    /// Estimated bytes all loaded models may hold; past it the least recently used idle model
+    /// is evicted and reloads on demand.
+    #[arg(long)]
+    memory_budget: Option<u64>,
     /// Rescan the repository this often (ms) and hot-swap new versions in.
     #[arg(long)]
     poll_interval_ms: Option<u64>,
@@ -56,6 +60,9 @@ async fn main() -> Result<()> {
     }
     if let Some(l) = cli.listen {
         config.listen = l;
+    }
+    if cli.memory_budget.is_some() {
+        config.memory_budget_bytes = cli.memory_budget;
     }
     if cli.poll_interval_ms.is_some() {
         config.poll_interval_ms = cli.poll_interval_ms;

@@ -53,7 +53,7 @@ impl From<RepoError> for ApiError {
         let status = match &e {
             RepoError::InvalidName(_) => StatusCode::BAD_REQUEST,
             RepoError::UnknownModel(_) | RepoError::UnknownVersion { .. } => StatusCode::NOT_FOUND,
-            RepoError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RepoError::NotReady(_) | RepoError::Evicted(_) => StatusCode::SERVICE_UNAVAILABLE,
             RepoError::Load { .. } => StatusCode::BAD_REQUEST,
         };
         ApiError(status, e.to_string())
@@ -156,8 +156,26 @@ fn parse_version(v: &str) -> ApiResult<u64> {
         .map_err(|_| bad(format!("version `{v}` is not a number")))
 }
 
+/// The served version, reloading a model the memory budget evicted (a cold start for this
+/// request, counted in `tern_model_load_seconds`).
 async fn lookup(s: &AppState, model: String, version: Option<u64>) -> ApiResult<Arc<Loaded>> {
-    Ok(s.repo.get(&model, version)?)
+    match s.repo.get(&model, version) {
+        Err(RepoError::Evicted(_)) => {
+            let repo = s.repo.clone();
+            let name = model.clone();
+            tokio::task::spawn_blocking(move || repo.load(&name))
+                .await
+                .map_err(|e| {
+                    ApiError(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("reload failed: {e}"),
+                    )
+                })?
+                .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+            Ok(s.repo.get(&model, version)?)
+        }
+        other => Ok(other?),
+    }
 }
 
 fn metadata(s: &AppState, l: &Loaded) -> serde_json::Value {

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,8 @@ pub enum RepoError {
     UnknownVersion { name: String, version: u64 },
     #[error("model `{0}` is not loaded")]
     NotReady(String),
+    #[error("model `{0}` was evicted to respect the memory budget")]
+    Evicted(String),
     #[error("model `{name}` failed to load: {message}")]
     Load { name: String, message: String },
 }
@@ -35,6 +38,10 @@ pub struct Loaded {
     pub batcher: Batcher,
     /// File to first result: read, prepare, warm up.
     pub load_time: Duration,
+    /// Estimated memory held: twice the file (tract keeps packed weights beside the originals).
+    pub footprint: u64,
+    /// Milliseconds since the repository opened, at the last request: the LRU clock.
+    last_used: AtomicU64,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -60,6 +67,8 @@ struct ModelState {
     versions: BTreeMap<u64, Arc<Loaded>>,
     /// The last load failure, reported by the index.
     error: Option<String>,
+    /// Unloaded to fit the memory budget; the next request reloads it.
+    evicted: bool,
 }
 
 /// Shared by every request handler; loading happens on the caller's (blocking) thread.
@@ -67,6 +76,9 @@ pub struct Repository {
     root: PathBuf,
     defaults: ModelConfig,
     models: RwLock<BTreeMap<String, ModelState>>,
+    /// Bytes the loaded versions may hold together (estimated), if limited.
+    budget: Option<u64>,
+    epoch: Instant,
     /// Version selections the poller failed to load, per model.
     poll_failed: std::sync::Mutex<BTreeMap<String, Vec<u64>>>,
 }
@@ -95,10 +107,12 @@ pub fn check_name(name: &str) -> Result<(), RepoError> {
 }
 
 impl Repository {
-    pub fn new(root: PathBuf, defaults: ModelConfig) -> Repository {
+    pub fn new(root: PathBuf, defaults: ModelConfig, budget: Option<u64>) -> Repository {
         Repository {
             root,
             defaults,
+            budget,
+            epoch: Instant::now(),
             models: RwLock::new(BTreeMap::new()),
             poll_failed: Default::default(),
         }
@@ -161,11 +175,19 @@ impl Repository {
         // the version they started on, so an old version finishes its requests before it drops.
         let result = self.load_versions(name, &on_disk, &current);
         let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        let result = result.and_then(|loaded| {
+            self.make_room(name, &loaded, &mut models)?;
+            Ok(loaded)
+        });
         let state = models.entry(name.into()).or_default();
         match result {
             Ok(loaded) => {
+                for l in &loaded {
+                    l.last_used.store(self.now_ms(), Ordering::Relaxed);
+                }
                 state.versions = loaded.into_iter().map(|l| (l.version, l)).collect();
                 state.error = None;
+                state.evicted = false;
                 Ok(state.versions.keys().copied().collect())
             }
             Err(message) => {
@@ -214,6 +236,7 @@ impl Repository {
                 let batcher = Batcher::new(model.clone(), config.batching.to_core())
                     .map_err(|e| format!("version {version}: {e}"))?;
                 let load_time = started.elapsed();
+                let footprint = 2 * std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                 log::info!("loaded {name} version {version} in {load_time:?}");
                 Ok(Arc::new(Loaded {
                     name: name.into(),
@@ -221,9 +244,69 @@ impl Repository {
                     model,
                     batcher,
                     load_time,
+                    footprint,
+                    last_used: AtomicU64::new(0),
                 }))
             })
             .collect()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Evicts least recently used idle models until `incoming` fits the budget beside what
+    /// stays. A model is idle when no request holds any of its versions.
+    fn make_room(
+        &self,
+        name: &str,
+        incoming: &[Arc<Loaded>],
+        models: &mut BTreeMap<String, ModelState>,
+    ) -> Result<(), String> {
+        let Some(budget) = self.budget else {
+            return Ok(());
+        };
+        let need: u64 = incoming.iter().map(|l| l.footprint).sum();
+        loop {
+            let used: u64 = models
+                .iter()
+                .filter(|(n, _)| n.as_str() != name)
+                .flat_map(|(_, s)| s.versions.values())
+                .map(|l| l.footprint)
+                .sum();
+            if used + need <= budget {
+                return Ok(());
+            }
+            let victim = models
+                .iter()
+                .filter(|(n, s)| {
+                    n.as_str() != name
+                        && !s.versions.is_empty()
+                        && s.versions.values().all(|l| {
+                            Arc::strong_count(l) == 1 && l.batcher.stats().queue_depth == 0
+                        })
+                })
+                .min_by_key(|(_, s)| {
+                    s.versions
+                        .values()
+                        .map(|l| l.last_used.load(Ordering::Relaxed))
+                        .max()
+                })
+                .map(|(n, _)| n.clone());
+            match victim {
+                Some(v) => {
+                    log::info!("evicting {v} (least recently used) to fit {name} in the memory budget");
+                    let s = models.get_mut(&v).expect("listed");
+                    s.versions.clear();
+                    s.evicted = true;
+                }
+                None => {
+                    return Err(format!(
+                        "memory budget of {budget} bytes exceeded: {name} needs {need}, {used} are held by models in use"
+                    ))
+                }
+            }
+        }
     }
 
     /// Loads models whose versions on disk changed (new version directories appeared, or a new
@@ -287,13 +370,16 @@ impl Repository {
         check_name(name)?;
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
         let Some(state) = models.get(name).filter(|s| !s.versions.is_empty()) else {
+            if models.get(name).is_some_and(|s| s.evicted) {
+                return Err(RepoError::Evicted(name.into()));
+            }
             return Err(if self.versions_on_disk(name).is_empty() {
                 RepoError::UnknownModel(name.into())
             } else {
                 RepoError::NotReady(name.into())
             });
         };
-        match version {
+        let found = match version {
             Some(v) => state
                 .versions
                 .get(&v)
@@ -308,7 +394,11 @@ impl Repository {
                 .next_back()
                 .cloned()
                 .expect("non-empty")),
+        };
+        if let Ok(l) = &found {
+            l.last_used.store(self.now_ms(), Ordering::Relaxed);
         }
+        found
     }
 
     /// Versions served for `name`.
@@ -343,6 +433,12 @@ impl Repository {
                         reason: String::new(),
                     }))
                 }
+                Some(ModelState { evicted: true, .. }) => out.push(IndexEntry {
+                    name: name.clone(),
+                    version: String::new(),
+                    state: "UNAVAILABLE".into(),
+                    reason: "evicted to respect the memory budget; reloads on demand".into(),
+                }),
                 Some(ModelState { error: Some(e), .. }) => out.push(IndexEntry {
                     name: name.clone(),
                     version: String::new(),
