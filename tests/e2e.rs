@@ -449,3 +449,152 @@ fn the_memory_budget_evicts_the_least_recently_used_model_and_reloads_on_demand(
     drop(d);
     std::fs::remove_dir_all(root).ok();
 }
+
+/// A repository with model `cls`: version 1 = the digits FP32 model, version 2 = `candidate`
+/// bytes, both served, with the given `[routing]` table.
+fn canary_repo(tag: &str, candidate: &[u8], routing: &str) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("tern-e2e-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    for v in ["1", "2"] {
+        std::fs::create_dir_all(root.join("cls").join(v)).unwrap();
+    }
+    std::fs::copy(
+        repo().join("models/digits/1/model.onnx"),
+        root.join("cls/1/model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(root.join("cls/2/model.onnx"), candidate).unwrap();
+    std::fs::write(
+        root.join("cls/config.toml"),
+        format!("[version_policy]\nall = true\n\n[routing]\n{routing}\n"),
+    )
+    .unwrap();
+    root
+}
+
+/// A JSON request for held-out digit `row`, keyed for canary routing.
+fn digits_request(row: usize, key: &str) -> String {
+    let x = tern_core::npy::read_file(repo().join("models/testdata/digits_test_x.npy")).unwrap();
+    let x = x.view().to_vec::<f32>().unwrap();
+    let pixels: Vec<String> = x[(row % 450) * 64..][..64]
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    format!(
+        r#"{{"inputs":[{{"name":"input","shape":[1,1,8,8],"datatype":"FP32","data":[{}]}}],"parameters":{{"route_key":"{key}"}}}}"#,
+        pixels.join(",")
+    )
+}
+
+fn served_version(reply: &str) -> String {
+    let at = reply
+        .find(r#""model_version":""#)
+        .unwrap_or_else(|| panic!("no version in {reply}"))
+        + 17;
+    reply[at..].split('"').next().unwrap().to_string()
+}
+
+#[test]
+fn a_healthy_canary_gets_its_sticky_share_of_traffic() {
+    let candidate = std::fs::read(repo().join("models/digits-int8-qdq/1/model.onnx")).unwrap();
+    let root = canary_repo(
+        "canary-ok",
+        &candidate,
+        "stable = 1\ncandidate = 2\npercent = 30\nmax_error_rate = 0.5\nwindow = 20",
+    );
+    let d = Daemon::start(&["--repository", root.to_str().unwrap()]);
+    let mut to_candidate = 0;
+    for k in 0..200 {
+        let key = format!("device-{k}");
+        let (status, reply) = d.post("/v2/models/cls/infer", &digits_request(k, &key));
+        assert_eq!(status, 200, "{reply}");
+        let v = served_version(&reply);
+        for _ in 0..2 {
+            let (_, again) = d.post("/v2/models/cls/infer", &digits_request(k, &key));
+            assert_eq!(
+                served_version(&again),
+                v,
+                "key {key} must stay on version {v}"
+            );
+        }
+        to_candidate += (v == "2") as usize;
+    }
+    assert!(
+        (30..=90).contains(&to_candidate),
+        "{to_candidate} of 200 keys on the 30% candidate"
+    );
+    let (_, stats) = d.get("/v2/models/cls/stats");
+    assert!(stats.contains(r#""rolled_back":false"#), "{stats}");
+    drop(d);
+    std::fs::remove_dir_all(root).ok();
+}
+
+#[test]
+fn a_failing_canary_is_rolled_back_and_no_request_fails() {
+    // The candidate names its input `inpux`: it rejects every request the stable version serves.
+    let mut candidate = std::fs::read(repo().join("models/digits/1/model.onnx")).unwrap();
+    let mut at = 0;
+    while let Some(p) = candidate[at..].windows(5).position(|w| w == b"input") {
+        candidate[at + p + 4] = b'x';
+        at += p + 5;
+    }
+    let root = canary_repo(
+        "canary-bad",
+        &candidate,
+        "stable = 1\ncandidate = 2\npercent = 50\nmax_error_rate = 0.5\nwindow = 10",
+    );
+    let d = Daemon::start(&["--repository", root.to_str().unwrap()]);
+    for k in 0..200 {
+        let (status, reply) = d.post(
+            "/v2/models/cls/infer",
+            &digits_request(k, &format!("device-{k}")),
+        );
+        assert_eq!(status, 200, "request {k}: {reply}");
+        assert_eq!(served_version(&reply), "1");
+    }
+    let (_, stats) = d.get("/v2/models/cls/stats");
+    assert!(stats.contains(r#""rolled_back":true"#), "{stats}");
+    assert!(
+        stats.contains(r#""to_candidate":10"#),
+        "exactly one window of candidate traffic: {stats}"
+    );
+    let (_, metrics) = d.get("/metrics");
+    assert!(
+        metrics.contains(r#"tern_routing_rolled_back{model="cls",candidate="2"} 1"#),
+        "{metrics}"
+    );
+    drop(d);
+    std::fs::remove_dir_all(root).ok();
+}
+
+#[test]
+fn shadow_mode_answers_from_stable_and_compares_the_candidate() {
+    let candidate = std::fs::read(repo().join("models/digits-int8-qdq/1/model.onnx")).unwrap();
+    let root = canary_repo(
+        "shadow",
+        &candidate,
+        "stable = 1\ncandidate = 2\nshadow = true",
+    );
+    let d = Daemon::start(&["--repository", root.to_str().unwrap()]);
+    for k in 0..50 {
+        let (status, reply) = d.post("/v2/models/cls/infer", &digits_request(k, &k.to_string()));
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(served_version(&reply), "1");
+    }
+    // Shadow runs finish after their responses: wait for all 50 comparisons.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, stats) = d.get("/v2/models/cls/stats");
+        if stats.contains(r#""shadow_compared":50"#) {
+            assert!(
+                stats.contains(r#""shadow_top1_agree":50"#),
+                "int8 and fp32 agree on these digits: {stats}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{stats}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(d);
+    std::fs::remove_dir_all(root).ok();
+}

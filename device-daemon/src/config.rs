@@ -53,6 +53,40 @@ pub struct ModelConfig {
     /// Which versions to serve.
     pub version_policy: VersionPolicy,
     pub batching: Batching,
+    /// Canary or shadow routing between two served versions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routing: Option<Routing>,
+}
+
+/// On-device canary: `percent` of the traffic (sticky per request key) goes to `candidate`, the
+/// rest to `stable`; with `shadow`, every request is answered by `stable` and mirrored to
+/// `candidate` for comparison only. The candidate is rolled back (100% to stable) when, over the
+/// last `window` requests it served, its error rate exceeds `max_error_rate` or its p99 latency
+/// exceeds `max_p99_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Routing {
+    pub stable: u64,
+    pub candidate: u64,
+    #[serde(default)]
+    pub percent: u8,
+    #[serde(default)]
+    pub shadow: bool,
+    /// Request parameter (or `x-tern-route-key` header) whose value keeps a caller on one side.
+    #[serde(default = "default_route_key")]
+    pub key: String,
+    pub max_error_rate: Option<f64>,
+    pub max_p99_ms: Option<f64>,
+    #[serde(default = "default_window")]
+    pub window: usize,
+}
+
+fn default_route_key() -> String {
+    "route_key".into()
+}
+
+fn default_window() -> usize {
+    100
 }
 
 impl Default for ModelConfig {
@@ -62,6 +96,7 @@ impl Default for ModelConfig {
             f16: false,
             version_policy: VersionPolicy::Latest { latest: 1 },
             batching: Batching::default(),
+            routing: None,
         }
     }
 }

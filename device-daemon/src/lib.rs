@@ -46,6 +46,7 @@ pub async fn run(
         repo: repo.clone(),
         config: Arc::new(config),
         ready: AtomicBool::new(false),
+        requests: Default::default(),
     });
     if let Some(ms) = state.config.poll_interval_ms {
         let poller = state.clone();

@@ -212,6 +212,75 @@ impl Collector for ModelCollector {
                     )?;
             }
         }
+        let routing = self.repo.routing_stats();
+        {
+            let mut fam = encoder.encode_descriptor(
+                "tern_routing_requests",
+                "Requests routed by canary routing, by version",
+                None,
+                MetricType::Counter,
+            )?;
+            for (model, rule, st) in &routing {
+                for (version, n) in [
+                    (rule.stable, st.to_stable),
+                    (rule.candidate, st.to_candidate),
+                ] {
+                    let labels = [("model", model.clone()), ("version", version.to_string())];
+                    ConstCounter::new(n).encode(fam.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut fam = encoder.encode_descriptor(
+                "tern_routing_rolled_back",
+                "1 when the candidate was rolled back to the stable version",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (model, rule, st) in &routing {
+                let labels = [
+                    ("model", model.clone()),
+                    ("candidate", rule.candidate.to_string()),
+                ];
+                ConstGauge::new(st.rolled_back as i64).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut fam = encoder.encode_descriptor(
+                "tern_shadow_compared",
+                "Requests mirrored to a shadow candidate and compared",
+                None,
+                MetricType::Counter,
+            )?;
+            for (model, _, st) in &routing {
+                ConstCounter::new(st.shadow_compared)
+                    .encode(fam.encode_family(&[("model", model.clone())])?)?;
+            }
+        }
+        {
+            let mut fam = encoder.encode_descriptor(
+                "tern_shadow_top1_agreement",
+                "Mirrored requests whose top-1 class matched the served answer",
+                None,
+                MetricType::Counter,
+            )?;
+            for (model, _, st) in &routing {
+                ConstCounter::new(st.shadow_top1_agree)
+                    .encode(fam.encode_family(&[("model", model.clone())])?)?;
+            }
+        }
+        {
+            let mut fam = encoder.encode_descriptor(
+                "tern_shadow_max_abs_diff",
+                "Largest absolute difference between shadow and served outputs",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (model, _, st) in &routing {
+                ConstGauge::new(st.shadow_max_abs_diff)
+                    .encode(fam.encode_family(&[("model", model.clone())])?)?;
+            }
+        }
         let rows = |f: fn(&tern_core::BatchStats) -> &Histogram| -> Vec<_> {
             stats
                 .iter()

@@ -54,6 +54,8 @@ pub struct InferRequest {
     pub outputs: Vec<(String, Option<bool>)>,
     /// `parameters.binary_data_output`: the default for outputs that do not choose.
     pub binary_output: bool,
+    /// The request's `parameters` object (routing keys and the like).
+    pub parameters: Map<String, Value>,
 }
 
 /// Parses an infer body. `header_len` is the `Inference-Header-Content-Length` header.
@@ -185,11 +187,17 @@ pub fn parse_request(header_len: Option<usize>, body: &[u8]) -> Result<InferRequ
         .and_then(|p| p.get("binary_data_output"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let parameters = obj
+        .get("parameters")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
     Ok(InferRequest {
         id,
         inputs,
         outputs,
         binary_output,
+        parameters,
     })
 }
 

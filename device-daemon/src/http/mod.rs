@@ -32,6 +32,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Set once the startup load of the repository has finished.
     pub ready: AtomicBool,
+    /// Requests seen, to spread unkeyed canary traffic.
+    pub requests: std::sync::atomic::AtomicU64,
 }
 
 /// An error response.
@@ -281,78 +283,83 @@ async fn run_infer(
                 .ok_or_else(|| bad("Inference-Header-Content-Length must be a byte count"))?,
         ),
     };
-    let request = codec::parse_request(header_len, &body).map_err(|e| bad(e.to_string()))?;
-    let info = loaded.model.info();
-    // Inputs go to the model in its declared order, whatever order the request used.
-    let mut ordered: Vec<Option<&codec::InputTensor>> = vec![None; info.inputs.len()];
-    for input in &request.inputs {
-        let ix = info
-            .input_index(&input.name)
-            .map_err(|e| bad(e.to_string()))?;
-        if ordered[ix].replace(input).is_some() {
-            return Err(bad(format!("input `{}` given twice", input.name)));
+    let request =
+        Arc::new(codec::parse_request(header_len, &body).map_err(|e| bad(e.to_string()))?);
+    let name = loaded.name.clone();
+    let (primary, shadow) = match version {
+        Some(_) => (loaded, None),
+        None => {
+            let key = headers
+                .get("x-tern-route-key")
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)
+                .or_else(|| {
+                    let field = s.repo.route_key(&name)?;
+                    request.parameters.get(&field).map(|v| {
+                        v.as_str()
+                            .map(String::from)
+                            .unwrap_or_else(|| v.to_string())
+                    })
+                });
+            let seq = s.requests.fetch_add(1, Ordering::Relaxed);
+            s.repo.route(&name, key.as_deref(), seq)?
         }
-    }
-    if let Some(missing) = info.inputs.iter().zip(&ordered).find(|(_, o)| o.is_none()) {
-        return Err(bad(format!("missing input `{}`", missing.0.name)));
-    }
-    let mut wanted: Vec<(usize, bool)> = vec![];
-    if request.outputs.is_empty() {
-        wanted.extend((0..info.outputs.len()).map(|i| (i, request.binary_output)));
-    } else {
-        for (name, binary) in &request.outputs {
-            let ix = info
-                .outputs
-                .iter()
-                .position(|o| &o.name == name)
-                .ok_or_else(|| bad(format!("unknown output `{name}`")))?;
-            wanted.push((ix, binary.unwrap_or(request.binary_output)));
-        }
-    }
-    let inputs: Vec<codec::InputTensor> = {
-        let mut by_position: Vec<Option<usize>> = vec![None; info.inputs.len()];
-        for (pos, slot) in ordered.iter().enumerate() {
-            by_position[pos] = request
-                .inputs
-                .iter()
-                .position(|i| std::ptr::eq(i, slot.expect("checked")));
-        }
-        let mut taken: Vec<Option<codec::InputTensor>> =
-            request.inputs.into_iter().map(Some).collect();
-        by_position
-            .into_iter()
-            .map(|p| taken[p.expect("checked")].take().expect("each once"))
-            .collect()
     };
-    let worker = loaded.clone();
-    let outputs = tokio::task::spawn_blocking(move || -> Result<Vec<OutputTensor>, CoreError> {
-        let views: Vec<TensorView<'_>> = inputs
-            .iter()
-            .map(|i| TensorView::from_bytes(i.dtype, &i.shape, &i.data))
-            .collect();
-        let response = worker.batcher.infer(&views, &RequestOptions::default())?;
-        let info = worker.model.info();
-        Ok(wanted
-            .iter()
-            .map(|&(ix, binary)| {
-                let v = response.get(ix).expect("declared output");
-                OutputTensor {
-                    name: info.outputs[ix].name.clone(),
-                    dtype: v.dtype(),
-                    shape: v.shape().to_vec(),
-                    data: v.bytes().to_vec(),
-                    binary,
+    let started = std::time::Instant::now();
+    let mut served = primary.clone();
+    let mut result = infer_on(primary.clone(), request.clone()).await;
+    if let Some(stable) = s.repo.stable_for(&name, primary.version) {
+        // The canary served this request: judge it, and never let its failure reach the
+        // caller when the stable version can answer.
+        match &result {
+            Ok(_) => s
+                .repo
+                .record_candidate(&name, primary.version, false, started.elapsed()),
+            Err(_) => {
+                let fallback = infer_on(stable.clone(), request.clone()).await;
+                if fallback.is_ok() {
+                    s.repo
+                        .record_candidate(&name, primary.version, true, started.elapsed());
+                    served = stable;
+                    result = fallback;
                 }
-            })
-            .collect())
-    })
-    .await
-    .map_err(|e| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("inference task failed: {e}"),
-        )
-    })??;
+            }
+        }
+    }
+    let outputs = result?;
+    if let Some(shadow) = shadow {
+        let (state, request, served) = (
+            s.clone(),
+            request.clone(),
+            outputs
+                .first()
+                .map(|o| (o.dtype, o.shape.clone(), o.data.clone())),
+        );
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let got = infer_on(shadow.clone(), request).await;
+            state.repo.record_candidate(
+                &shadow.name,
+                shadow.version,
+                got.is_err(),
+                started.elapsed(),
+            );
+            if let (Ok(got), Some((tern_core::DType::F32, shape, served))) = (got, served) {
+                if let Some(first) = got.first().filter(|o| o.dtype == tern_core::DType::F32) {
+                    let f = |b: &[u8]| -> Vec<f32> {
+                        b.chunks_exact(4)
+                            .map(|c| f32::from_ne_bytes(c.try_into().expect("4 bytes")))
+                            .collect()
+                    };
+                    let classes = shape.last().copied().unwrap_or(1);
+                    state
+                        .repo
+                        .record_shadow(&shadow.name, &f(&served), &f(&first.data), classes);
+                }
+            }
+        });
+    }
+    let loaded = served;
     let (header_len, body) = codec::encode_response(
         &loaded.name,
         loaded.version,
@@ -379,6 +386,73 @@ async fn run_infer(
     Ok(response)
 }
 
+/// Runs one parsed request on one version: inputs by name in that version's order, the
+/// requested outputs copied out.
+async fn infer_on(
+    loaded: Arc<Loaded>,
+    request: Arc<codec::InferRequest>,
+) -> ApiResult<Vec<OutputTensor>> {
+    let info = loaded.model.info();
+    // Inputs go to the model in its declared order, whatever order the request used.
+    let mut order: Vec<Option<usize>> = vec![None; info.inputs.len()];
+    for (at, input) in request.inputs.iter().enumerate() {
+        let ix = info
+            .input_index(&input.name)
+            .map_err(|e| bad(e.to_string()))?;
+        if order[ix].replace(at).is_some() {
+            return Err(bad(format!("input `{}` given twice", input.name)));
+        }
+    }
+    if let Some((missing, _)) = info.inputs.iter().zip(&order).find(|(_, o)| o.is_none()) {
+        return Err(bad(format!("missing input `{}`", missing.name)));
+    }
+    let mut wanted: Vec<(usize, bool)> = vec![];
+    if request.outputs.is_empty() {
+        wanted.extend((0..info.outputs.len()).map(|i| (i, request.binary_output)));
+    } else {
+        for (name, binary) in &request.outputs {
+            let ix = info
+                .outputs
+                .iter()
+                .position(|o| &o.name == name)
+                .ok_or_else(|| bad(format!("unknown output `{name}`")))?;
+            wanted.push((ix, binary.unwrap_or(request.binary_output)));
+        }
+    }
+    let outputs = tokio::task::spawn_blocking(move || -> Result<Vec<OutputTensor>, CoreError> {
+        let views: Vec<TensorView<'_>> = order
+            .iter()
+            .map(|at| {
+                let i = &request.inputs[at.expect("checked")];
+                TensorView::from_bytes(i.dtype, &i.shape, &i.data)
+            })
+            .collect();
+        let response = loaded.batcher.infer(&views, &RequestOptions::default())?;
+        let info = loaded.model.info();
+        Ok(wanted
+            .iter()
+            .map(|&(ix, binary)| {
+                let v = response.get(ix).expect("declared output");
+                OutputTensor {
+                    name: info.outputs[ix].name.clone(),
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    data: v.bytes().to_vec(),
+                    binary,
+                }
+            })
+            .collect())
+    })
+    .await
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("inference task failed: {e}"),
+        )
+    })??;
+    Ok(outputs)
+}
+
 async fn model_stats(
     State(s): State<Arc<AppState>>,
     Path(model): Path<String>,
@@ -400,7 +474,20 @@ async fn model_stats(
             },
             "batch_stats": st.batch_sizes.iter().map(|(n, c)| json!({"batch_size": n, "count": c})).collect::<Vec<_>>(),
             "pending_requests": st.queue_depth,
-        }]
+        }],
+        "routing": s.repo.routing_stats().into_iter().filter(|(m, _, _)| *m == l.name).map(|(_, rule, st)| json!({
+            "stable": rule.stable,
+            "candidate": rule.candidate,
+            "percent": rule.percent,
+            "shadow": rule.shadow,
+            "to_stable": st.to_stable,
+            "to_candidate": st.to_candidate,
+            "rolled_back": st.rolled_back,
+            "rollback_reason": st.rollback_reason,
+            "shadow_compared": st.shadow_compared,
+            "shadow_top1_agree": st.shadow_top1_agree,
+            "shadow_max_abs_diff": st.shadow_max_abs_diff,
+        })).collect::<Vec<_>>(),
     })))
 }
 

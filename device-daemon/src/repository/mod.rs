@@ -69,6 +69,8 @@ struct ModelState {
     error: Option<String>,
     /// Unloaded to fit the memory budget; the next request reloads it.
     evicted: bool,
+    /// Canary or shadow routing, when configured and both versions are served.
+    router: Option<std::sync::Mutex<routing::Router>>,
 }
 
 /// Shared by every request handler; loading happens on the caller's (blocking) thread.
@@ -92,6 +94,8 @@ impl std::fmt::Debug for Repository {
 }
 
 /// Model names become path components: anything that could leave the repository is refused.
+pub mod routing;
+
 pub fn check_name(name: &str) -> Result<(), RepoError> {
     let ok = !name.is_empty()
         && name.len() <= 128
@@ -175,13 +179,35 @@ impl Repository {
         // the version they started on, so an old version finishes its requests before it drops.
         let result = self.load_versions(name, &on_disk, &current);
         let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
-        let result = result.and_then(|loaded| {
+        let result = result.and_then(|(loaded, routing)| {
             self.make_room(name, &loaded, &mut models)?;
-            Ok(loaded)
+            Ok((loaded, routing))
         });
         let state = models.entry(name.into()).or_default();
         match result {
-            Ok(loaded) => {
+            Ok((loaded, routing)) => {
+                let served: Vec<u64> = loaded.iter().map(|l| l.version).collect();
+                state.router = match routing {
+                    Some(r) if served.contains(&r.stable) && served.contains(&r.candidate) => {
+                        log::info!(
+                            "{name}: {} {}% of traffic to version {} (stable {})",
+                            if r.shadow { "shadowing" } else { "routing" },
+                            if r.shadow { 100 } else { r.percent },
+                            r.candidate,
+                            r.stable
+                        );
+                        Some(std::sync::Mutex::new(routing::Router::new(r)))
+                    }
+                    Some(r) => {
+                        log::warn!(
+                            "{name}: routing needs versions {} and {} served (serving {served:?}); ignored",
+                            r.stable,
+                            r.candidate
+                        );
+                        None
+                    }
+                    None => None,
+                };
                 for l in &loaded {
                     l.last_used.store(self.now_ms(), Ordering::Relaxed);
                 }
@@ -205,7 +231,7 @@ impl Repository {
         name: &str,
         on_disk: &[u64],
         current: &BTreeMap<u64, Arc<Loaded>>,
-    ) -> Result<Vec<Arc<Loaded>>, String> {
+    ) -> Result<(Vec<Arc<Loaded>>, Option<crate::config::Routing>), String> {
         let dir = self.root.join(name);
         let config = ModelConfig::load_over(&self.defaults, &dir.join("config.toml"))
             .map_err(|e| e.to_string())?;
@@ -222,7 +248,7 @@ impl Repository {
             },
             ..Default::default()
         };
-        wanted
+        let loaded = wanted
             .into_iter()
             .map(|version| {
                 if let Some(loaded) = current.get(&version) {
@@ -248,7 +274,8 @@ impl Repository {
                     last_used: AtomicU64::new(0),
                 }))
             })
-            .collect()
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok((loaded, config.routing))
     }
 
     fn now_ms(&self) -> u64 {
@@ -399,6 +426,93 @@ impl Repository {
             l.last_used.store(self.now_ms(), Ordering::Relaxed);
         }
         found
+    }
+
+    /// Where a request without an explicit version goes: the served version and, in shadow
+    /// mode, a version to mirror it to. Without routing, the highest version.
+    pub fn route(
+        &self,
+        name: &str,
+        key: Option<&str>,
+        seq: u64,
+    ) -> Result<(Arc<Loaded>, Option<Arc<Loaded>>), RepoError> {
+        let route = {
+            let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+            models
+                .get(name)
+                .and_then(|s| s.router.as_ref())
+                .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()).route(key, seq))
+        };
+        match route {
+            None => Ok((self.get(name, None)?, None)),
+            Some(r) => {
+                let serve = self.get(name, Some(r.serve))?;
+                let shadow = r.shadow.and_then(|v| self.get(name, Some(v)).ok());
+                Ok((serve, shadow))
+            }
+        }
+    }
+
+    /// The request parameter that keys canary routing for `name`, if it routes.
+    pub fn route_key(&self, name: &str) -> Option<String> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        let router = models.get(name)?.router.as_ref()?;
+        let key = router
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .rule()
+            .key
+            .clone();
+        Some(key)
+    }
+
+    /// The stable version, when `version` is the canary candidate of `name` (not in shadow mode).
+    pub fn stable_for(&self, name: &str, version: u64) -> Option<Arc<Loaded>> {
+        let stable = {
+            let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+            let router = models.get(name)?.router.as_ref()?;
+            let r = router.lock().unwrap_or_else(|p| p.into_inner());
+            (r.rule().candidate == version && !r.rule().shadow).then_some(r.rule().stable)?
+        };
+        self.get(name, Some(stable)).ok()
+    }
+
+    /// Reports how the candidate did on one request; rolls back when the rule trips.
+    pub fn record_candidate(&self, name: &str, version: u64, failed: bool, latency: Duration) {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        let Some(router) = models.get(name).and_then(|s| s.router.as_ref()) else {
+            return;
+        };
+        let mut router = router.lock().unwrap_or_else(|p| p.into_inner());
+        if router.rule().candidate != version {
+            return;
+        }
+        if let Some(reason) = router.record_candidate(failed, latency) {
+            log::warn!("{name}: candidate version {version} rolled back: {reason}; all traffic to version {}", router.rule().stable);
+        }
+    }
+
+    /// Compares a shadow answer with the served one.
+    pub fn record_shadow(&self, name: &str, served: &[f32], shadow: &[f32], classes: usize) {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(router) = models.get(name).and_then(|s| s.router.as_ref()) {
+            router
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record_shadow(served, shadow, classes);
+        }
+    }
+
+    /// Routing counters per model that has routing, for `/metrics` and the stats endpoint.
+    pub fn routing_stats(&self) -> Vec<(String, crate::config::Routing, routing::RouterStats)> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models
+            .iter()
+            .filter_map(|(n, s)| {
+                let r = s.router.as_ref()?.lock().unwrap_or_else(|p| p.into_inner());
+                Some((n.clone(), r.rule().clone(), r.stats().clone()))
+            })
+            .collect()
     }
 
     /// Versions served for `name`.
