@@ -598,3 +598,50 @@ fn shadow_mode_answers_from_stable_and_compares_the_candidate() {
     drop(d);
     std::fs::remove_dir_all(root).ok();
 }
+
+/// A pipeline whose step names a model that is not there fails with the step named, and the
+/// daemon keeps serving.
+#[test]
+fn a_failing_pipeline_step_is_named_in_the_error() {
+    let root = std::env::temp_dir().join(format!("tern-e2e-pipe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("digits/1")).unwrap();
+    std::fs::copy(
+        repo().join("models/digits/1/model.onnx"),
+        root.join("digits/1/model.onnx"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("chain")).unwrap();
+    std::fs::write(
+        root.join("chain/config.toml"),
+        r#"[pipeline]
+inputs = ["image"]
+outputs = ["out"]
+
+[[pipeline.steps]]
+name = "classify"
+model = "digits"
+inputs = { input = "image" }
+outputs = { logits = "scores" }
+
+[[pipeline.steps]]
+name = "post"
+model = "calibrator"
+inputs = { x = "scores" }
+outputs = { y = "out" }
+"#,
+    )
+    .unwrap();
+    let d = Daemon::start(&["--repository", root.to_str().unwrap()]);
+    let body = digits_request(0, "k").replace(r#""name":"input""#, r#""name":"image""#);
+    let (status, reply) = d.post("/v2/models/chain/infer", &body);
+    assert_eq!(status, 404, "{reply}");
+    assert!(
+        reply.contains("pipeline step `post` (model `calibrator`): unknown model `calibrator`"),
+        "{reply}"
+    );
+    let (status, _) = d.post("/v2/models/digits/infer", &digits_request(0, "k"));
+    assert_eq!(status, 200);
+    drop(d);
+    std::fs::remove_dir_all(root).ok();
+}

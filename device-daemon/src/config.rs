@@ -56,6 +56,100 @@ pub struct ModelConfig {
     /// Canary or shadow routing between two served versions.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routing: Option<Routing>,
+    /// Makes this repository entry a pipeline of other models instead of a model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<Pipeline>,
+}
+
+/// A DAG of models: each step maps tensors of the pipeline's namespace (its inputs and earlier
+/// steps' outputs) to a model's inputs, and the model's outputs back into the namespace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    /// Tensors the caller provides.
+    pub inputs: Vec<String>,
+    /// Tensors returned to the caller.
+    pub outputs: Vec<String>,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    pub name: String,
+    pub model: String,
+    /// A specific version; the served (or routed) one otherwise.
+    pub version: Option<u64>,
+    /// Model input name → namespace tensor.
+    #[serde(default)]
+    pub inputs: std::collections::BTreeMap<String, String>,
+    /// Model output name → namespace tensor.
+    #[serde(default)]
+    pub outputs: std::collections::BTreeMap<String, String>,
+}
+
+impl Pipeline {
+    /// Orders the steps so each runs after the producers of its inputs; refuses unknown
+    /// sources, tensors produced twice, cycles and outputs nothing produces.
+    pub fn schedule(&self) -> Result<Vec<usize>, String> {
+        let mut available: std::collections::BTreeSet<&str> =
+            self.inputs.iter().map(String::as_str).collect();
+        let mut producers = std::collections::BTreeMap::new();
+        for (i, step) in self.steps.iter().enumerate() {
+            for t in step.outputs.values() {
+                if available.contains(t.as_str()) || producers.insert(t.as_str(), i).is_some() {
+                    return Err(format!(
+                        "tensor `{t}` is produced twice (step `{}`)",
+                        step.name
+                    ));
+                }
+            }
+        }
+        let mut order = vec![];
+        let mut done = vec![false; self.steps.len()];
+        while order.len() < self.steps.len() {
+            let next = (0..self.steps.len()).find(|&i| {
+                !done[i]
+                    && self.steps[i]
+                        .inputs
+                        .values()
+                        .all(|src| available.contains(src.as_str()))
+            });
+            let Some(i) = next else {
+                let stuck = (0..self.steps.len())
+                    .find(|&i| !done[i])
+                    .expect("some step left");
+                let step = &self.steps[stuck];
+                let missing = step
+                    .inputs
+                    .values()
+                    .find(|src| !available.contains(src.as_str()))
+                    .expect("blocked");
+                return Err(if producers.contains_key(missing.as_str()) {
+                    format!(
+                        "steps form a cycle through `{missing}` (step `{}`)",
+                        step.name
+                    )
+                } else {
+                    format!(
+                        "step `{}` reads `{missing}`, which no input or step provides",
+                        step.name
+                    )
+                });
+            };
+            done[i] = true;
+            order.push(i);
+            available.extend(self.steps[i].outputs.values().map(String::as_str));
+        }
+        if let Some(o) = self
+            .outputs
+            .iter()
+            .find(|o| !available.contains(o.as_str()))
+        {
+            return Err(format!("pipeline output `{o}` is produced by no step"));
+        }
+        Ok(order)
+    }
 }
 
 /// On-device canary: `percent` of the traffic (sticky per request key) goes to `candidate`, the
@@ -97,6 +191,7 @@ impl Default for ModelConfig {
             version_policy: VersionPolicy::Latest { latest: 1 },
             batching: Batching::default(),
             routing: None,
+            pipeline: None,
         }
     }
 }
@@ -248,6 +343,53 @@ mod tests {
     fn the_printed_defaults_parse_back_to_the_defaults() {
         let c = Config::default();
         assert_eq!(Config::from_toml(&c.to_toml(), "x").unwrap(), c);
+    }
+
+    #[test]
+    fn pipelines_are_scheduled_in_dependency_order_and_checked() {
+        let step = |name: &str, ins: &[(&str, &str)], outs: &[(&str, &str)]| Step {
+            name: name.into(),
+            model: "m".into(),
+            version: None,
+            inputs: ins
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+            outputs: outs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+        };
+        let p = Pipeline {
+            inputs: vec!["x".into()],
+            outputs: vec!["z".into()],
+            steps: vec![
+                step("second", &[("i", "y")], &[("o", "z")]),
+                step("first", &[("i", "x")], &[("o", "y")]),
+            ],
+        };
+        assert_eq!(p.schedule().unwrap(), [1, 0]);
+        let cyclic = Pipeline {
+            steps: vec![
+                step("a", &[("i", "y")], &[("o", "z")]),
+                step("b", &[("i", "z")], &[("o", "y")]),
+            ],
+            ..p.clone()
+        };
+        assert!(cyclic.schedule().unwrap_err().contains("cycle"));
+        let dangling = Pipeline {
+            steps: vec![step("a", &[("i", "nope")], &[("o", "z")])],
+            ..p.clone()
+        };
+        assert!(dangling.schedule().unwrap_err().contains("reads `nope`"));
+        let unproduced = Pipeline {
+            outputs: vec!["w".into()],
+            ..p
+        };
+        assert!(unproduced
+            .schedule()
+            .unwrap_err()
+            .contains("`w` is produced by no step"));
     }
 
     #[test]

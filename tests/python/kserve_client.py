@@ -52,6 +52,15 @@ for model, tol in [("digits", 1e-4), ("digits-int8-qdq", 0.25), ("resblock-int8-
     r = client.infer(model, [inp], outputs=[out], model_version="1")
     check(np.abs(r.as_numpy("logits") - ref).max() <= tol, f"{model}: JSON infer matches onnxruntime")
 
+meta = client.get_model_metadata("digits-ensemble")
+check(meta["platform"] == "ensemble" and meta["inputs"][0]["name"] == "image", f"pipeline metadata {meta}")
+inp = httpclient.InferInput("image", list(x.shape), "FP32")
+inp.set_data_from_numpy(x)
+r = client.infer("digits-ensemble", [inp])
+for out, model, tol in [("logits_fp32", "digits", 1e-4), ("logits_int8", "digits-int8-qdq", 0.25)]:
+    ref = np.load(f"{args.repo}/testdata/{model}.ref.npy")[:8]
+    check(np.abs(r.as_numpy(out) - ref).max() <= tol, f"pipeline output {out} matches {model}")
+
 index = client.get_model_repository_index()
 check({m["name"] for m in index} >= {"digits", "resblock", "digits-int8-qdq"}, "repository index lists the models")
 client.unload_model("resblock")

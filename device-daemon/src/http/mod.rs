@@ -210,8 +210,51 @@ async fn model_metadata(
     State(s): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    if let Some(p) = s.repo.pipeline(&model) {
+        return Ok(Json(pipeline_metadata(&s, &model, &p)));
+    }
     let l = lookup(&s, model, None).await?;
     Ok(Json(metadata(&s, &l)))
+}
+
+/// A pipeline's tensors, typed by the step models that read or write them.
+fn pipeline_metadata(
+    s: &AppState,
+    name: &str,
+    p: &crate::repository::LoadedPipeline,
+) -> serde_json::Value {
+    let describe = |tensor: &str, reading: bool| -> serde_json::Value {
+        for step in &p.pipeline.steps {
+            let map = if reading { &step.inputs } else { &step.outputs };
+            let Some((model_tensor, _)) = map.iter().find(|(_, t)| t.as_str() == tensor) else {
+                continue;
+            };
+            let Ok(l) = s.repo.get(&step.model, step.version) else {
+                continue;
+            };
+            let info = l.model.info();
+            let list = if reading { &info.inputs } else { &info.outputs };
+            if let Some(t) = list.iter().find(|t| &t.name == model_tensor) {
+                let shape: Vec<i64> = t
+                    .shape
+                    .iter()
+                    .map(|d| match d {
+                        tern_core::Dim::Fixed(n) => *n as i64,
+                        _ => -1,
+                    })
+                    .collect();
+                return json!({"name": tensor, "datatype": dtype_to_kserve(t.dtype), "shape": shape});
+            }
+        }
+        json!({"name": tensor})
+    };
+    json!({
+        "name": name,
+        "versions": ["1"],
+        "platform": "ensemble",
+        "inputs": p.pipeline.inputs.iter().map(|t| describe(t, true)).collect::<Vec<_>>(),
+        "outputs": p.pipeline.outputs.iter().map(|t| describe(t, false)).collect::<Vec<_>>(),
+    })
 }
 
 async fn model_metadata_v(
@@ -226,6 +269,9 @@ async fn model_ready(
     State(s): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> ApiResult<StatusCode> {
+    if s.repo.pipeline(&model).is_some() {
+        return Ok(StatusCode::OK);
+    }
     lookup(&s, model, None).await.map(|_| StatusCode::OK)
 }
 
@@ -259,14 +305,12 @@ async fn infer_v(
 
 const HEADER_LEN: &str = "inference-header-content-length";
 
-async fn run_infer(
-    s: Arc<AppState>,
-    model: String,
-    version: Option<u64>,
-    headers: HeaderMap,
+/// Reads (within the size limit) and decodes an infer body.
+async fn read_request(
+    s: &AppState,
+    headers: &HeaderMap,
     body: Body,
-) -> ApiResult<Response> {
-    let loaded = lookup(&s, model, version).await?;
+) -> ApiResult<Arc<codec::InferRequest>> {
     let limit = s.config.max_body_bytes;
     let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError(
@@ -283,8 +327,164 @@ async fn run_infer(
                 .ok_or_else(|| bad("Inference-Header-Content-Length must be a byte count"))?,
         ),
     };
-    let request =
-        Arc::new(codec::parse_request(header_len, &body).map_err(|e| bad(e.to_string()))?);
+    Ok(Arc::new(
+        codec::parse_request(header_len, &body).map_err(|e| bad(e.to_string()))?,
+    ))
+}
+
+/// Runs a pipeline: each step in dependency order on its model, tensors passed by name.
+async fn run_pipeline(
+    s: Arc<AppState>,
+    name: String,
+    p: Arc<crate::repository::LoadedPipeline>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let request = read_request(&s, &headers, body).await?;
+    let mut namespace: std::collections::BTreeMap<String, codec::InputTensor> = Default::default();
+    for input in &request.inputs {
+        if !p.pipeline.inputs.contains(&input.name) {
+            return Err(bad(format!(
+                "unknown input `{}`; the pipeline's inputs are {:?}",
+                input.name, p.pipeline.inputs
+            )));
+        }
+        namespace.insert(
+            input.name.clone(),
+            codec::InputTensor {
+                name: input.name.clone(),
+                dtype: input.dtype,
+                shape: input.shape.clone(),
+                data: input.data.clone(),
+            },
+        );
+    }
+    if let Some(missing) = p
+        .pipeline
+        .inputs
+        .iter()
+        .find(|i| !namespace.contains_key(*i))
+    {
+        return Err(bad(format!("missing input `{missing}`")));
+    }
+    for &ix in &p.order {
+        let step = &p.pipeline.steps[ix];
+        let in_step = |e: ApiError| {
+            ApiError(
+                e.0,
+                format!(
+                    "pipeline step `{}` (model `{}`): {}",
+                    step.name, step.model, e.1
+                ),
+            )
+        };
+        let loaded = match step.version {
+            Some(v) => lookup(&s, step.model.clone(), Some(v)).await,
+            None => lookup(&s, step.model.clone(), None).await,
+        }
+        .map_err(in_step)?;
+        let inputs = step
+            .inputs
+            .iter()
+            .map(|(model_input, src)| {
+                let t = &namespace[src];
+                codec::InputTensor {
+                    name: model_input.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    data: t.data.clone(),
+                }
+            })
+            .collect();
+        let step_request = Arc::new(codec::InferRequest {
+            id: None,
+            inputs,
+            outputs: vec![],
+            binary_output: false,
+            parameters: Default::default(),
+        });
+        for o in infer_on(loaded, step_request).await.map_err(in_step)? {
+            if let Some(dst) = step.outputs.get(&o.name) {
+                namespace.insert(
+                    dst.clone(),
+                    codec::InputTensor {
+                        name: dst.clone(),
+                        dtype: o.dtype,
+                        shape: o.shape,
+                        data: o.data,
+                    },
+                );
+            }
+        }
+    }
+    let wanted: Vec<(String, bool)> = if request.outputs.is_empty() {
+        p.pipeline
+            .outputs
+            .iter()
+            .map(|o| (o.clone(), request.binary_output))
+            .collect()
+    } else {
+        request
+            .outputs
+            .iter()
+            .map(|(n, b)| (n.clone(), b.unwrap_or(request.binary_output)))
+            .collect()
+    };
+    let mut outputs = vec![];
+    for (o, binary) in wanted {
+        if !p.pipeline.outputs.contains(&o) {
+            return Err(bad(format!("unknown output `{o}`")));
+        }
+        let t = namespace
+            .remove(&o)
+            .ok_or_else(|| bad(format!("output `{o}` requested twice")))?;
+        outputs.push(OutputTensor {
+            name: o,
+            dtype: t.dtype,
+            shape: t.shape,
+            data: t.data,
+            binary,
+        });
+    }
+    Ok(encode(&name, 1, request.id.as_deref(), &outputs))
+}
+
+fn encode(model: &str, version: u64, id: Option<&str>, outputs: &[OutputTensor]) -> Response {
+    let (header_len, body) = codec::encode_response(model, version, id, outputs);
+    let mut response = Response::new(Body::from(body));
+    let h = response.headers_mut();
+    match header_len {
+        Some(n) => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            h.insert(HEADER_LEN, HeaderValue::from(n));
+        }
+        None => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+    }
+    response
+}
+
+async fn run_infer(
+    s: Arc<AppState>,
+    model: String,
+    version: Option<u64>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    if version.is_none() || version == Some(1) {
+        if let Some(p) = s.repo.pipeline(&model) {
+            return run_pipeline(s, model, p, headers, body).await;
+        }
+    }
+    let loaded = lookup(&s, model, version).await?;
+    let request = read_request(&s, &headers, body).await?;
     let name = loaded.name.clone();
     let (primary, shadow) = match version {
         Some(_) => (loaded, None),
@@ -359,31 +559,12 @@ async fn run_infer(
             }
         });
     }
-    let loaded = served;
-    let (header_len, body) = codec::encode_response(
-        &loaded.name,
-        loaded.version,
+    Ok(encode(
+        &served.name,
+        served.version,
         request.id.as_deref(),
         &outputs,
-    );
-    let mut response = Response::new(Body::from(body));
-    let h = response.headers_mut();
-    match header_len {
-        Some(n) => {
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
-            h.insert(HEADER_LEN, HeaderValue::from(n));
-        }
-        None => {
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-        }
-    }
-    Ok(response)
+    ))
 }
 
 /// Runs one parsed request on one version: inputs by name in that version's order, the

@@ -53,6 +53,13 @@ impl std::fmt::Debug for Loaded {
     }
 }
 
+/// A pipeline ready to run: its steps in an order that respects their dependencies.
+#[derive(Debug)]
+pub struct LoadedPipeline {
+    pub pipeline: crate::config::Pipeline,
+    pub order: Vec<usize>,
+}
+
 /// What the repository index reports for one model version.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct IndexEntry {
@@ -81,6 +88,7 @@ pub struct Repository {
     /// Bytes the loaded versions may hold together (estimated), if limited.
     budget: Option<u64>,
     epoch: Instant,
+    pipelines: RwLock<BTreeMap<String, Arc<LoadedPipeline>>>,
     /// Version selections the poller failed to load, per model.
     poll_failed: std::sync::Mutex<BTreeMap<String, Vec<u64>>>,
 }
@@ -119,6 +127,7 @@ impl Repository {
             epoch: Instant::now(),
             models: RwLock::new(BTreeMap::new()),
             poll_failed: Default::default(),
+            pipelines: Default::default(),
         }
     }
 
@@ -134,10 +143,34 @@ impl Repository {
         let mut names: Vec<String> = entries
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| check_name(n).is_ok() && !self.versions_on_disk(n).is_empty())
+            .filter(|n| {
+                check_name(n).is_ok()
+                    && (!self.versions_on_disk(n).is_empty() || self.pipeline_config(n).is_some())
+            })
             .collect();
         names.sort();
         names
+    }
+
+    /// The `[pipeline]` of an entry without versions, if its config declares one.
+    fn pipeline_config(&self, name: &str) -> Option<Result<crate::config::Pipeline, String>> {
+        let path = self.root.join(name).join("config.toml");
+        if !path.is_file() {
+            return None;
+        }
+        match ModelConfig::load_over(&self.defaults, &path) {
+            Ok(c) => c.pipeline.map(Ok),
+            Err(e) => Some(Err(e.to_string())),
+        }
+    }
+
+    /// A loaded pipeline, with its steps in execution order.
+    pub fn pipeline(&self, name: &str) -> Option<Arc<LoadedPipeline>> {
+        self.pipelines
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     fn versions_on_disk(&self, name: &str) -> Vec<u64> {
@@ -165,7 +198,29 @@ impl Repository {
         check_name(name)?;
         let on_disk = self.versions_on_disk(name);
         if on_disk.is_empty() {
-            return Err(RepoError::UnknownModel(name.into()));
+            let Some(pipeline) = self.pipeline_config(name) else {
+                return Err(RepoError::UnknownModel(name.into()));
+            };
+            let loaded = pipeline.and_then(|p| {
+                Ok(LoadedPipeline {
+                    order: p.schedule()?,
+                    pipeline: p,
+                })
+            });
+            return match loaded {
+                Ok(p) => {
+                    log::info!("loaded pipeline {name} ({} steps)", p.order.len());
+                    self.pipelines
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.into(), Arc::new(p));
+                    Ok(vec![1])
+                }
+                Err(message) => Err(RepoError::Load {
+                    name: name.into(),
+                    message,
+                }),
+            };
         }
         let current: BTreeMap<u64, Arc<Loaded>> = {
             let models = self.models.read().unwrap_or_else(|p| p.into_inner());
@@ -371,6 +426,15 @@ impl Repository {
 
     pub fn unload(&self, name: &str) -> Result<(), RepoError> {
         check_name(name)?;
+        if self
+            .pipelines
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+            .is_some()
+        {
+            return Ok(());
+        }
         let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
         match models.remove(name) {
             Some(state) if !state.versions.is_empty() => Ok(()),
@@ -537,7 +601,17 @@ impl Repository {
     pub fn index(&self) -> Vec<IndexEntry> {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
         let mut out = vec![];
+        let pipelines = self.pipelines.read().unwrap_or_else(|p| p.into_inner());
         for name in self.on_disk() {
+            if pipelines.contains_key(&name) {
+                out.push(IndexEntry {
+                    name,
+                    version: "1".into(),
+                    state: "READY".into(),
+                    reason: String::new(),
+                });
+                continue;
+            }
             match models.get(&name) {
                 Some(s) if !s.versions.is_empty() => {
                     out.extend(s.versions.keys().map(|v| IndexEntry {
