@@ -645,3 +645,41 @@ outputs = { y = "out" }
     drop(d);
     std::fs::remove_dir_all(root).ok();
 }
+
+/// Configured warm-up samples run before a version is ready; a version they break never serves.
+#[test]
+fn warm_up_samples_gate_readiness() {
+    let root = std::env::temp_dir().join(format!("tern-e2e-warm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    for (m, shape) in [("good", vec![2usize, 1, 8, 8]), ("bad", vec![2usize, 64])] {
+        std::fs::create_dir_all(root.join(m).join("1")).unwrap();
+        std::fs::copy(
+            repo().join("models/digits/1/model.onnx"),
+            root.join(m).join("1/model.onnx"),
+        )
+        .unwrap();
+        let n: usize = shape.iter().product();
+        let t = tern_core::Tensor::from_vec(shape, vec![0.5f32; n]).unwrap();
+        tern_core::npy::write(
+            std::fs::File::create(root.join(m).join("sample.npy")).unwrap(),
+            &t,
+        )
+        .unwrap();
+        std::fs::write(
+            root.join(m).join("config.toml"),
+            "warmup_inputs = [\"sample.npy\"]\n",
+        )
+        .unwrap();
+    }
+    let d = Daemon::start(&["--repository", root.to_str().unwrap()]);
+    assert_eq!(d.get("/v2/models/good/ready").0, 200);
+    assert_eq!(d.get("/v2/models/bad/ready").0, 503);
+    let (_, index) = d.post("/v2/repository/index", "");
+    assert!(
+        index.contains("warm-up failed")
+            && index.contains("expected shape [N,1,8,8] f32, got [2,64] f32"),
+        "{index}"
+    );
+    drop(d);
+    std::fs::remove_dir_all(root).ok();
+}

@@ -52,6 +52,10 @@ pub struct ModelConfig {
     pub f16: bool,
     /// Which versions to serve.
     pub version_policy: VersionPolicy,
+    /// `.npy` files (relative to the model's directory), one per model input in order, run
+    /// through every new version before it is marked ready; a failure fails the load.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warmup_inputs: Vec<String>,
     pub batching: Batching,
     /// Canary or shadow routing between two served versions.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -189,6 +193,7 @@ impl Default for ModelConfig {
             threads: 1,
             f16: false,
             version_policy: VersionPolicy::Latest { latest: 1 },
+            warmup_inputs: vec![],
             batching: Batching::default(),
             routing: None,
             pipeline: None,

@@ -600,6 +600,17 @@ async fn infer_on(
             wanted.push((ix, binary.unwrap_or(request.binary_output)));
         }
     }
+    // Triton's request parameters: `priority` (0 is highest here) and `timeout` in microseconds.
+    let param = |k: &str| {
+        request
+            .parameters
+            .get(k)
+            .and_then(serde_json::Value::as_u64)
+    };
+    let options = RequestOptions {
+        priority: param("priority").map(|p| p as usize).unwrap_or(0),
+        timeout: param("timeout").map(std::time::Duration::from_micros),
+    };
     let outputs = tokio::task::spawn_blocking(move || -> Result<Vec<OutputTensor>, CoreError> {
         let views: Vec<TensorView<'_>> = order
             .iter()
@@ -608,7 +619,7 @@ async fn infer_on(
                 TensorView::from_bytes(i.dtype, &i.shape, &i.data)
             })
             .collect();
-        let response = loaded.batcher.infer(&views, &RequestOptions::default())?;
+        let response = loaded.batcher.infer(&views, &options)?;
         let info = loaded.model.info();
         Ok(wanted
             .iter()

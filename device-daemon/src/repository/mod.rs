@@ -53,6 +53,31 @@ impl std::fmt::Debug for Loaded {
     }
 }
 
+/// Runs the configured sample inputs through a new version before it serves.
+fn warm_up(batcher: &Batcher, dir: &Path, files: &[String]) -> Result<(), String> {
+    let tensors = files
+        .iter()
+        .map(|f| {
+            let path = dir.join(f);
+            // Sample files live beside the model: refuse paths that leave its directory.
+            if Path::new(f)
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(format!(
+                    "warm-up input `{f}` must be a path inside the model directory"
+                ));
+            }
+            tern_core::npy::read_file(&path).map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let views: Vec<_> = tensors.iter().map(|t| t.view()).collect();
+    batcher
+        .infer(&views, &tern_core::RequestOptions::default())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// A pipeline ready to run: its steps in an order that respects their dependencies.
 #[derive(Debug)]
 pub struct LoadedPipeline {
@@ -316,6 +341,10 @@ impl Repository {
                 // Batcher::new warms up every instance's session before returning.
                 let batcher = Batcher::new(model.clone(), config.batching.to_core())
                     .map_err(|e| format!("version {version}: {e}"))?;
+                if !config.warmup_inputs.is_empty() {
+                    warm_up(&batcher, &dir, &config.warmup_inputs)
+                        .map_err(|e| format!("version {version}: warm-up failed: {e}"))?;
+                }
                 let load_time = started.elapsed();
                 let footprint = 2 * std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                 log::info!("loaded {name} version {version} in {load_time:?}");
