@@ -94,6 +94,21 @@ fn the_bundled_repository_runs_through_the_cli() {
     std::fs::remove_dir_all(out_root).ok();
 }
 
+/// The first `"name": <integer>` in `tern bench --json` output.
+fn json_u64(doc: &str, name: &str) -> u64 {
+    let key = format!("\"{name}\": ");
+    let at = doc
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {name} in {doc}"))
+        + key.len();
+    doc[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// A Python with the stock `tritonclient[http]`, numpy and prometheus-client: `$TERN_TEST_PYTHON`
 /// if set, else a virtual environment made once under the target directory.
 fn python() -> PathBuf {
@@ -301,20 +316,8 @@ fn tern_bench_drives_ternd_over_http() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let ok = |field: &str| -> u64 {
-        let key = format!("\"{field}\": ");
-        let at = stdout
-            .find(&key)
-            .unwrap_or_else(|| panic!("no {field} in {stdout}"))
-            + key.len();
-        stdout[at..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let ok = |field: &str| json_u64(&stdout, field);
     assert!(ok("ok") > 0, "{stdout}");
     assert_eq!(ok("failed"), 0, "{stdout}");
     assert_eq!(ok("ok"), ok("sent"), "{stdout}");
@@ -373,19 +376,7 @@ fn a_new_version_hot_swaps_under_load_with_no_failed_request() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report = String::from_utf8_lossy(&out.stdout).to_string();
-    let field = |name: &str| -> u64 {
-        let key = format!("\"{name}\": ");
-        let at = report
-            .find(&key)
-            .unwrap_or_else(|| panic!("no {name} in {report}"))
-            + key.len();
-        report[at..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let field = |name: &str| json_u64(&report, name);
     assert!(field("ok") > 100, "{report}");
     assert_eq!(
         (field("failed"), field("rejected"), field("timed_out")),

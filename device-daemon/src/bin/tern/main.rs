@@ -600,16 +600,8 @@ fn bench_http(base: &str, model: &Path, batch: usize, args: &LoadArgs, json: boo
     let mut binary = vec![];
     for i in inputs {
         let dtype_name = i["datatype"].as_str().unwrap_or_default();
-        let dtype = match dtype_name {
-            "FP32" => DType::F32,
-            "FP16" => DType::F16,
-            "INT8" => DType::I8,
-            "UINT8" => DType::U8,
-            "INT32" => DType::I32,
-            "INT64" => DType::I64,
-            "BOOL" => DType::Bool,
-            other => bail!("unsupported datatype {other}"),
-        };
+        let dtype = tern_daemon::http::codec::dtype_from_kserve(dtype_name)
+            .ok_or_else(|| anyhow!("unsupported datatype {dtype_name}"))?;
         let shape: Vec<usize> = i["shape"]
             .as_array()
             .and_then(|s| {
