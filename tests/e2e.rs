@@ -4,24 +4,12 @@
 //! The binaries come from the workspace's target directory; `cargo test --workspace` builds them
 //! (the daemon crate's own integration tests need them).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn binary(name: &str) -> PathBuf {
-    // target/<profile>/deps/e2e-<hash> → target/<profile>/<name>
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().and_then(Path::parent).unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is not built; run `cargo test --workspace` (or `cargo build --bins`) first",
-        path.display()
-    );
-    path
-}
+use common::{binary, digits_request, json_u64, python, repo, served_version, Daemon};
 
 /// Every model of the repository, run by `tern run` on the held-out digits, agrees with the
 /// onnxruntime outputs stored beside it.
@@ -95,156 +83,6 @@ fn the_bundled_repository_runs_through_the_cli() {
 }
 
 /// The first `"name": <integer>` in `tern bench --json` output.
-fn json_u64(doc: &str, name: &str) -> u64 {
-    let key = format!("\"{name}\": ");
-    let at = doc
-        .find(&key)
-        .unwrap_or_else(|| panic!("no {name} in {doc}"))
-        + key.len();
-    doc[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-/// A Python with the stock `tritonclient[http]`, numpy and prometheus-client: `$TERN_TEST_PYTHON`
-/// if set, else a virtual environment made once under the target directory.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("TERN_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let venv = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("tern-e2e-venv");
-    let py = venv.join("bin/python");
-    let ready = py.exists()
-        && Command::new(&py)
-            .args(["-c", "import tritonclient.http, numpy, prometheus_client"])
-            .status()
-            .is_ok_and(|s| s.success());
-    if !ready {
-        let ok = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "python3 -m venv failed");
-        let ok = Command::new(&py)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "tritonclient[http]",
-                "numpy",
-                "prometheus-client",
-            ])
-            .status()
-            .unwrap()
-            .success();
-        assert!(
-            ok,
-            "pip install tritonclient[http] numpy prometheus-client failed"
-        );
-    }
-    py
-}
-
-/// A running `ternd` on a port of its choosing, stopped with SIGTERM on drop.
-struct Daemon {
-    child: std::process::Child,
-    addr: String,
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        use std::io::BufRead;
-        let mut child = Command::new(binary("ternd"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("ternd listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        let d = Daemon { child, addr };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while d.get("/v2/health/ready").0 != 200 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "ternd never became ready"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        self.request("GET", path, "")
-    }
-
-    fn post(&self, path: &str, body: &str) -> (u16, String) {
-        self.request("POST", path, body)
-    }
-
-    /// A bare HTTP/1.1 request: status and body.
-    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(&self.addr) else {
-            return (0, String::new());
-        };
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.addr,
-            body.len()
-        )
-        .unwrap();
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).unwrap();
-        let status = reply
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        (
-            status,
-            reply
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default(),
-        )
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
-
 /// The stock tritonclient against the real daemon: metadata, binary and JSON inference checked
 /// against onnxruntime's outputs, the repository extension, a bad-input catalogue, and
 /// /metrics through a Prometheus parser. Then SIGTERM stops it cleanly.
@@ -464,26 +302,6 @@ fn canary_repo(tag: &str, candidate: &[u8], routing: &str) -> PathBuf {
 }
 
 /// A JSON request for held-out digit `row`, keyed for canary routing.
-fn digits_request(row: usize, key: &str) -> String {
-    let x = tern_core::npy::read_file(repo().join("models/testdata/digits_test_x.npy")).unwrap();
-    let x = x.view().to_vec::<f32>().unwrap();
-    let pixels: Vec<String> = x[(row % 450) * 64..][..64]
-        .iter()
-        .map(|v| v.to_string())
-        .collect();
-    format!(
-        r#"{{"inputs":[{{"name":"input","shape":[1,1,8,8],"datatype":"FP32","data":[{}]}}],"parameters":{{"route_key":"{key}"}}}}"#,
-        pixels.join(",")
-    )
-}
-
-fn served_version(reply: &str) -> String {
-    let at = reply
-        .find(r#""model_version":""#)
-        .unwrap_or_else(|| panic!("no version in {reply}"))
-        + 17;
-    reply[at..].split('"').next().unwrap().to_string()
-}
 
 #[test]
 fn a_healthy_canary_gets_its_sticky_share_of_traffic() {

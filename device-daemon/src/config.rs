@@ -26,6 +26,64 @@ pub struct Config {
     pub memory_budget_bytes: Option<u64>,
     /// Defaults for models whose `config.toml` does not say otherwise.
     pub model_defaults: ModelConfig,
+    /// Fleet updates and inference over MQTT, when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<Fleet>,
+}
+
+/// Membership of a fleet: where the broker is, who this device is, whom it trusts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Fleet {
+    /// `mqtt://HOST:PORT`.
+    pub mqtt: String,
+    pub fleet: String,
+    pub device_id: String,
+    /// Public key files (`tern keygen`); manifests signed by any other key are refused.
+    pub trust_keys: Vec<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Versions of a fleet-managed model kept on disk (the active one and rollback targets).
+    pub keep_versions: usize,
+    /// Chunk topics subscribed at once while downloading: the transfer's flow control.
+    pub chunk_window: usize,
+    /// Largest MQTT packet accepted (chunks, self-test vectors, inference requests).
+    pub max_packet_bytes: u32,
+    pub telemetry_interval_ms: u64,
+    /// A download that makes no progress for this long re-subscribes its missing chunks.
+    pub stall_timeout_ms: u64,
+    /// After activation, the new version is watched this long; if the canary rule trips, the
+    /// previous version is restored. 0 disables the watch.
+    pub probation_ms: u64,
+    pub canary_max_error_rate: Option<f64>,
+    pub canary_max_p99_ms: Option<f64>,
+    /// Requests the new version must have served before the canary rule judges it.
+    pub canary_min_requests: u64,
+    /// Answer inference requests published to the fleet and device inference topics.
+    pub serve_inference: bool,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Fleet {
+            mqtt: "mqtt://127.0.0.1:1883".into(),
+            fleet: String::new(),
+            device_id: String::new(),
+            trust_keys: vec![],
+            username: None,
+            password: None,
+            keep_versions: 2,
+            chunk_window: 16,
+            max_packet_bytes: 1 << 20,
+            telemetry_interval_ms: 10_000,
+            stall_timeout_ms: 5_000,
+            probation_ms: 0,
+            canary_max_error_rate: None,
+            canary_max_p99_ms: None,
+            canary_min_requests: 20,
+            serve_inference: true,
+        }
+    }
 }
 
 impl Default for Config {
@@ -38,6 +96,7 @@ impl Default for Config {
             poll_interval_ms: None,
             memory_budget_bytes: None,
             model_defaults: ModelConfig::default(),
+            fleet: None,
         }
     }
 }

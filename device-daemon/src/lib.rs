@@ -2,6 +2,7 @@
 //! HTTP API and metrics, and the pieces the CLI shares.
 
 pub mod config;
+pub mod fleet;
 pub mod http;
 pub mod loadgen;
 pub mod metrics;
@@ -19,6 +20,8 @@ pub enum DaemonError {
     NoRepository(String),
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error("fleet: {0}")]
+    Fleet(#[from] fleet::FleetError),
 }
 
 /// Serves the repository on `listener` until `shutdown` resolves, then stops accepting,
@@ -62,6 +65,10 @@ pub async fn run(
                 let _ = tokio::task::spawn_blocking(move || repo.poll()).await;
             }
         });
+    }
+    if let Some(fleet) = state.config.fleet.clone() {
+        // Configuration errors surface here, before the server starts.
+        fleet::start(fleet, state.clone())?;
     }
     let loader = state.clone();
     tokio::task::spawn_blocking(move || {

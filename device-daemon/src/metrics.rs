@@ -18,6 +18,19 @@ use crate::repository::Repository;
 pub struct Metrics {
     registry: Registry,
     http: Family<Vec<(String, String)>, Counter>,
+    pub fleet: FleetCounters,
+}
+
+/// What the fleet agent counts: enough to prove a resumed transfer fetched no chunk twice.
+#[derive(Debug, Default, Clone)]
+pub struct FleetCounters {
+    /// Chunks written to a staging area (each chunk of an artifact at most once).
+    pub chunks_received: Counter,
+    /// Chunks delivered again (QoS 1 duplicates, re-sent retained messages) and ignored.
+    pub chunks_duplicate: Counter,
+    pub bytes_received: Counter,
+    /// Updates by outcome: `activated`, `failed`, `rolled_back`.
+    pub updates: Family<Vec<(String, String)>, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -35,9 +48,34 @@ impl Metrics {
             "HTTP responses by route and status code",
             http.clone(),
         );
+        let fleet = FleetCounters::default();
+        registry.register(
+            "tern_fleet_chunks_received",
+            "Artifact chunks written to staging",
+            fleet.chunks_received.clone(),
+        );
+        registry.register(
+            "tern_fleet_chunks_duplicate",
+            "Artifact chunks received again and ignored",
+            fleet.chunks_duplicate.clone(),
+        );
+        registry.register(
+            "tern_fleet_bytes_received",
+            "Artifact bytes written to staging",
+            fleet.bytes_received.clone(),
+        );
+        registry.register(
+            "tern_fleet_updates",
+            "Fleet updates by outcome",
+            fleet.updates.clone(),
+        );
         registry.register_collector(Box::new(ModelCollector { repo }));
         registry.register_collector(Box::new(ProcessCollector));
-        Metrics { registry, http }
+        Metrics {
+            registry,
+            http,
+            fleet,
+        }
     }
 
     pub fn http_response(&self, route: &str, code: u16) {
@@ -312,29 +350,35 @@ impl Collector for ModelCollector {
 #[derive(Debug)]
 struct ProcessCollector;
 
+/// CPU seconds (user + system) and resident bytes of this process; zeros where `/proc` is absent.
+pub fn process_usage() -> (f64, u64) {
+    // /proc/self/stat: utime and stime (fields 14, 15) in clock ticks; RSS from status.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Linux reports in USER_HZ, which is 100 on every architecture Tern targets.
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    (cpu, (rss_kb * 1024.0) as u64)
+}
+
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        // /proc/self/stat: utime and stime (fields 14, 15) in clock ticks; RSS from status.
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        // Linux reports in USER_HZ, which is 100 on every architecture Tern targets.
-        let cpu = (ticks(11) + ticks(12)) / 100.0;
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let rss_kb: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
+        let (cpu, rss) = process_usage();
         let c = ConstCounter::new(cpu);
         c.encode(encoder.encode_descriptor(
             "process_cpu_seconds",
@@ -342,7 +386,7 @@ impl Collector for ProcessCollector {
             None,
             c.metric_type(),
         )?)?;
-        let g = ConstGauge::new(rss_kb * 1024.0);
+        let g = ConstGauge::new(rss as f64);
         g.encode(encoder.encode_descriptor(
             "process_resident_memory_bytes",
             "Resident set size",

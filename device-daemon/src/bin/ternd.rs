@@ -37,6 +37,19 @@ struct Cli {
     /// Rescan the repository this often (ms) and hot-swap new versions in.
     #[arg(long)]
     poll_interval_ms: Option<u64>,
+    /// Join a fleet through this MQTT broker (mqtt://HOST:PORT): signed model updates,
+    /// reports, telemetry and inference over MQTT.
+    #[arg(long)]
+    mqtt: Option<String>,
+    /// Fleet name (a topic level under tern/v1/).
+    #[arg(long)]
+    fleet: Option<String>,
+    /// This device's id within the fleet.
+    #[arg(long, env = "TERND_DEVICE_ID")]
+    device_id: Option<String>,
+    /// Public key (from `tern keygen`) whose signatures this device accepts; repeatable.
+    #[arg(long = "trust-key")]
+    trust_keys: Vec<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -72,6 +85,21 @@ async fn main() -> Result<()> {
     }
     if cli.bearer_token.is_some() {
         config.bearer_token = cli.bearer_token;
+    }
+    if cli.mqtt.is_some() || cli.fleet.is_some() || cli.device_id.is_some() {
+        let fleet = config.fleet.get_or_insert_with(Default::default);
+        if let Some(m) = cli.mqtt {
+            fleet.mqtt = m;
+        }
+        if let Some(f) = cli.fleet {
+            fleet.fleet = f;
+        }
+        if let Some(d) = cli.device_id {
+            fleet.device_id = d;
+        }
+    }
+    if !cli.trust_keys.is_empty() {
+        config.fleet.get_or_insert_with(Default::default).trust_keys = cli.trust_keys;
     }
     if let Some(Command::PrintConfig) = cli.command {
         print!("{}", config.to_toml());

@@ -130,13 +130,7 @@ impl std::fmt::Debug for Repository {
 pub mod routing;
 
 pub fn check_name(name: &str) -> Result<(), RepoError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if ok {
+    if tern_update::valid_name(name) {
         Ok(())
     } else {
         Err(RepoError::InvalidName(name.chars().take(64).collect()))

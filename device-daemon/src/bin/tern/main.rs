@@ -1,4 +1,4 @@
-//! `tern`: inspect, run and benchmark models.
+//! `tern`: inspect, run and benchmark models; sign, push and roll out models to fleets.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,11 +12,13 @@ use tern_core::{
 use tern_daemon::loadgen::{self, Outcome, Target};
 use tern_daemon::stats::Summary;
 
+mod fleet;
+
 #[derive(Parser)]
 #[command(
     name = "tern",
     version,
-    about = "Tern edge inference runtime: inspect, run and benchmark ONNX models"
+    about = "Tern edge inference runtime: inspect, run and benchmark ONNX models; sign, push and roll out models to fleets over MQTT"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -66,6 +68,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Fleet(fleet::FleetCommand),
 }
 
 #[derive(Args, Clone)]
@@ -166,6 +170,7 @@ fn load(path: &Path, prep: &PrepArgs) -> Result<Model> {
 
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Fleet(cmd) => fleet::run(cmd),
         Command::Inspect { model, prep, json } => inspect(&model, &prep, json),
         Command::Run {
             model,
@@ -278,8 +283,8 @@ fn inspect(path: &Path, prep: &PrepArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn run(path: &Path, inputs: &[String], out_dir: &Path, prep: &PrepArgs) -> Result<()> {
-    let model = load(path, prep)?;
+/// Reads `NAME=FILE.npy` specs (or one bare `FILE.npy`) into the model's inputs, in its order.
+fn read_inputs(model: &Model, inputs: &[String]) -> Result<Vec<(String, Tensor)>> {
     let declared = &model.info().inputs;
     let mut tensors: Vec<Option<Tensor>> = vec![None; declared.len()];
     for spec in inputs {
@@ -294,7 +299,7 @@ fn run(path: &Path, inputs: &[String], out_dir: &Path, prep: &PrepArgs) -> Resul
         if tensors[ix].is_some() {
             bail!("input `{}` given twice", declared[ix].name);
         }
-        tensors[ix] = Some(npy::read_file(file)?);
+        tensors[ix] = Some(npy::read_file(file).with_context(|| format!("reading {file}"))?);
     }
     let missing: Vec<_> = declared
         .iter()
@@ -305,7 +310,19 @@ fn run(path: &Path, inputs: &[String], out_dir: &Path, prep: &PrepArgs) -> Resul
     if !missing.is_empty() {
         bail!("missing input(s) {}", missing.join(", "));
     }
-    let tensors: Vec<Tensor> = tensors.into_iter().flatten().collect();
+    Ok(declared
+        .iter()
+        .zip(tensors)
+        .map(|(d, t)| (d.name.clone(), t.expect("checked")))
+        .collect())
+}
+
+fn run(path: &Path, inputs: &[String], out_dir: &Path, prep: &PrepArgs) -> Result<()> {
+    let model = load(path, prep)?;
+    let tensors: Vec<Tensor> = read_inputs(&model, inputs)?
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
     let views: Vec<_> = tensors.iter().map(|t| t.view()).collect();
     let mut session = model.session()?;
     let outputs = session.run(&views)?;
