@@ -1046,3 +1046,46 @@ fn mqtt311_requests_to_the_fleet_topic_are_shared_between_devices() {
         "both devices answered: {served:?}"
     );
 }
+
+/// A per-device push updates that device only; `tern gc` deletes the retained artifacts no
+/// desired state references, and nothing else.
+#[test]
+fn device_pushes_target_one_device_and_gc_keeps_only_referenced_artifacts() {
+    let fleet = Fleet::new("gc", rumqttd());
+    let (a, b) = (fleet.device("a", &[]), fleet.device("b", &[]));
+    fleet.push(&model("digits-int8-qdq"), 2, &["--device", "b"]);
+    fleet.wait_state("b", "active", 2);
+    assert!(serves(&b, 2));
+    assert!(serves(&a, 1));
+    // Pushed but never rolled out: garbage once the fleet moves on.
+    fleet.push(&model("digits-int8-qop"), 3, &["--no-rollout"]);
+    let dry: serde_json::Value =
+        serde_json::from_str(&fleet.cli(&["gc", "--dry-run", "--json"])).unwrap();
+    let listed: Vec<u64> = dry["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(listed, vec![3], "{dry}");
+    fleet.cli(&["gc"]);
+    let after: serde_json::Value =
+        serde_json::from_str(&fleet.cli(&["gc", "--dry-run", "--json"])).unwrap();
+    assert_eq!(after["artifacts"], serde_json::json!([]));
+    let gone = tern(&[
+        "rollout",
+        "digits",
+        "3",
+        "--fleet",
+        &fleet.name,
+        "--mqtt",
+        &fleet.url,
+    ]);
+    assert!(!gone.status.success());
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no retained artifact"));
+    // The referenced artifact survived: a device joining now still converges.
+    fleet.cli(&["rollout", "digits", "2", "--device", "c"]);
+    let c = fleet.device("c", &[]);
+    fleet.wait_state("c", "active", 2);
+    assert!(serves(&c, 2));
+}

@@ -174,3 +174,47 @@ fn bench_drives_the_batcher_closed_and_open_loop() {
     let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert!(doc["report"]["latency_us"]["p99_us"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn ternd_refuses_to_join_a_fleet_without_a_trusted_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ternd"))
+        .args(["--repository", repo().join("models").to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--mqtt", "mqtt://127.0.0.1:1"])
+        .args(["--fleet", "f", "--device-id", "d"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("signed manifests are required"), "{err}");
+}
+
+#[test]
+fn keygen_then_a_bad_key_file_gives_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("k.key");
+    let (ok, out, _) = tern(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(dir.join("k.pub").is_file());
+    // A second keygen never overwrites a key.
+    let (ok, _, err) = tern(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(!ok, "{err}");
+    // A public key is not a signing key.
+    let (ok, _, err) = tern(&[
+        "push",
+        repo().join("models/digits/1/model.onnx").to_str().unwrap(),
+        "--model",
+        "digits",
+        "--version",
+        "2",
+        "--key",
+        dir.join("k.pub").to_str().unwrap(),
+        "--fleet",
+        "f",
+        "--mqtt",
+        "mqtt://127.0.0.1:1",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("tern-ed25519-secret-v1"), "{err}");
+}
