@@ -341,16 +341,16 @@ fn bad_inputs_get_clear_errors_and_the_session_keeps_working() {
     let e = err(s.run(&[TensorView::new(&[0, 1, 8, 8], &x[..0])]));
     assert!(e.contains("at least 1"), "{e}");
 
-    // NaN flows through rather than failing.
+    // NaN is data, not an error. Whether it survives to the output depends on the CPU's
+    // kernels: x86 max/ReLU propagate it, ARM's NEON `fmaxnm` drops it (seen under
+    // qemu-aarch64), so only x86_64 checks the propagation.
     let nan = vec![f32::NAN; 64];
     let out = s.run(&[TensorView::new(&[1, 1, 8, 8], &nan)]).unwrap();
-    assert!(out
-        .get(0)
-        .unwrap()
-        .as_slice::<f32>()
-        .unwrap()
-        .iter()
-        .any(|v| v.is_nan()));
+    let logits = out.get(0).unwrap().as_slice::<f32>().unwrap().to_vec();
+    assert_eq!(logits.len(), 10);
+    if cfg!(target_arch = "x86_64") {
+        assert!(logits.iter().any(|v| v.is_nan()), "{logits:?}");
+    }
 
     assert_eq!(m.info().input_index("input").unwrap(), 0);
     let e = err(m.info().input_index("pixels"));
