@@ -43,7 +43,13 @@ fn the_bundled_repository_runs_through_the_cli() {
             "{name}: {}",
             String::from_utf8_lossy(&status.stderr)
         );
-        let got = tern_core::npy::read_file(out_dir.join("logits.npy"))
+        // One output per model: logits, or probabilities for the Softmax-headed variant.
+        let output = std::fs::read_dir(&out_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "npy"))
+            .unwrap();
+        let got = tern_core::npy::read_file(output)
             .unwrap()
             .view()
             .to_vec::<f32>()

@@ -138,6 +138,35 @@ fn every_bundled_model_matches_onnxruntime_and_is_accurate() {
     );
 }
 
+/// tract folds `DequantizeLinear → Softmax → QuantizeLinear` into an element-wise lookup table,
+/// which makes every probability 1.0 (10% accuracy). Tern runs the Softmax in float instead.
+#[test]
+fn a_quantized_softmax_head_keeps_the_accuracy_of_onnxruntime() {
+    let fp32 = evaluate("digits", &ModelOptions::default(), 32);
+    for options in [
+        ModelOptions::default(),
+        ModelOptions {
+            int8_fusion: false,
+            ..Default::default()
+        },
+    ] {
+        let e = evaluate("digits-int8-qdq-softmax", &options, 32);
+        assert!(e.agreement >= 0.99, "top-1 agreement {}", e.agreement);
+        assert!(
+            e.accuracy >= fp32.accuracy - 0.01,
+            "accuracy {} vs fp32 {}",
+            e.accuracy,
+            fp32.accuracy
+        );
+        // onnxruntime's probabilities are quantized to 1/255 steps, Tern's are float.
+        assert!(
+            e.max_abs_diff <= 2.0 / 255.0,
+            "max |diff| {}",
+            e.max_abs_diff
+        );
+    }
+}
+
 #[test]
 fn batch_size_does_not_change_results() {
     for variant in ["digits", "digits-int8-qdq"] {

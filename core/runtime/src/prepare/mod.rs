@@ -4,6 +4,7 @@
 
 mod graph;
 mod qdq;
+mod reductions;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -83,6 +84,8 @@ fn prepare_inner(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
         }
         None => detect_batch(&proto),
     };
+    // Before any fusion: correctness does not depend on the int8 option.
+    reductions::protect(&mut proto);
     let report = if options.int8_fusion {
         qdq::fuse(&mut proto)
     } else {
