@@ -11,6 +11,10 @@ use crate::{PublicKey, SecretKey, TrustedKeys, UpdateError};
 /// 60 KiB: a chunk frame stays under 64 KiB, well inside AWS IoT's 128 KiB message limit.
 pub const DEFAULT_CHUNK_SIZE: u32 = 60 * 1024;
 
+/// Most chunks an artifact may have: bounds the received-chunk bitmap (128 KiB) whatever a
+/// manifest claims. At the default chunk size that is 60 GiB.
+pub const MAX_CHUNKS: u32 = 1 << 20;
+
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
@@ -67,6 +71,12 @@ pub fn sign(
     if artifact.is_empty() {
         return Err(UpdateError::InvalidManifest("empty artifact".into()));
     }
+    if chunk_count(artifact.len() as u64, chunk_size) > MAX_CHUNKS {
+        return Err(UpdateError::InvalidManifest(format!(
+            "{} bytes in chunks of {chunk_size} would exceed {MAX_CHUNKS} chunks; use larger chunks",
+            artifact.len()
+        )));
+    }
     let body = ManifestBody {
         name: Name::try_from(name).expect("length checked"),
         version,
@@ -93,6 +103,9 @@ pub fn verify(manifest: &Manifest, trusted: &TrustedKeys) -> Result<(), UpdateEr
     }
     if b.chunk_size == 0 || b.chunk_size as usize > tern_proto::MAX_CHUNK {
         return invalid(format!("chunk size {}", b.chunk_size));
+    }
+    if b.chunk_count > MAX_CHUNKS {
+        return invalid(format!("{} chunks (at most {MAX_CHUNKS})", b.chunk_count));
     }
     if b.size == 0 || b.chunk_count != chunk_count(b.size, b.chunk_size) {
         return invalid(format!(
@@ -182,6 +195,16 @@ mod tests {
         m.body.chunk_count = 3;
         let err = verify(&m, &TrustedKeys::new([key.public()])).unwrap_err();
         assert!(matches!(err, UpdateError::InvalidManifest(_)), "{err}");
+    }
+
+    #[test]
+    fn a_manifest_cannot_claim_more_chunks_than_a_device_tracks() {
+        let (key, mut m) = signed();
+        m.body.size = (MAX_CHUNKS as u64 + 1) * 300;
+        m.body.chunk_count = MAX_CHUNKS + 1;
+        let err = verify(&m, &TrustedKeys::new([key.public()])).unwrap_err();
+        assert!(err.to_string().contains("chunks"), "{err}");
+        assert!(sign("m", 1, &vec![0u8; (MAX_CHUNKS + 1) as usize], 1, None, &key).is_err());
     }
 
     #[test]
