@@ -1089,3 +1089,38 @@ fn device_pushes_target_one_device_and_gc_keeps_only_referenced_artifacts() {
     fleet.wait_state("c", "active", 2);
     assert!(serves(&c, 2));
 }
+
+/// Telemetry reaches the broker with the device's serving figures.
+#[test]
+fn telemetry_reports_requests_latency_and_resources() {
+    let fleet = Fleet::new("telemetry", rumqttd());
+    let config = fleet.dir.join("telemetry.toml");
+    std::fs::write(&config, "[fleet]\ntelemetry_interval_ms = 200\n").unwrap();
+    let d = fleet.device("dev", &["--config", config.to_str().unwrap()]);
+    for i in 0..5 {
+        assert_eq!(
+            d.post("/v2/models/digits/infer", &digits_request(i, "k")).0,
+            200
+        );
+    }
+    let (client, mut conn) = client(&fleet.url, "telemetry");
+    client
+        .subscribe(
+            format!("tern/v1/{}/devices/dev/telemetry", fleet.name),
+            QoS::AtLeastOnce,
+        )
+        .unwrap();
+    for ev in conn.iter() {
+        if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(p)) =
+            ev.unwrap()
+        {
+            let Ok(tern_proto::Frame::Telemetry(t)) = tern_proto::decode(&p.payload) else {
+                panic!("not a telemetry frame");
+            };
+            assert_eq!((t.requests, t.errors), (5, 0), "{t:?}");
+            assert!(t.p50_us > 0 && t.p99_us >= t.p50_us, "{t:?}");
+            assert!(t.rss_kb > 1000, "{t:?}");
+            break;
+        }
+    }
+}
