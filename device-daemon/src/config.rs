@@ -363,6 +363,20 @@ impl Config {
 }
 
 impl ModelConfig {
+    /// The executor options this configuration asks for (one place for repository loads and
+    /// fleet validation, so a candidate is validated exactly as it will be served).
+    pub fn model_options(&self) -> tern_core::ModelOptions {
+        tern_core::ModelOptions {
+            threads: self.threads,
+            precision: if self.f16 {
+                tern_core::Precision::F16
+            } else {
+                tern_core::Precision::AsStored
+            },
+            ..Default::default()
+        }
+    }
+
     /// A model's `config.toml`, layered over `defaults`: keys it omits keep the daemon's values.
     pub fn load_over(
         defaults: &ModelConfig,

@@ -506,6 +506,11 @@ impl Agent {
         }
     }
 
+    fn count_update(&self, outcome: &str) {
+        let labels = vec![("outcome".to_owned(), outcome.to_owned())];
+        self.app.metrics.fleet.updates.get_or_create(&labels).inc();
+    }
+
     /// Ends the current job with a failure the fleet will see; the artifact is not retried.
     async fn fail(&mut self, code: FailureCode, message: &str) {
         let Some(job) = &self.job else { return };
@@ -520,12 +525,7 @@ impl Agent {
         let _ = std::fs::remove_dir_all(install::pending_dir(&self.root(), &name, version));
         self.failed.insert(sha, (code, self.generation()));
         self.persist();
-        self.app
-            .metrics
-            .fleet
-            .updates
-            .get_or_create(&vec![("outcome".into(), "failed".into())])
-            .inc();
+        self.count_update("failed");
         self.set_state(&name, UpdateState::Failed { version, code })
             .await;
         self.reconcile().await;
@@ -798,12 +798,7 @@ impl Agent {
         self.job = None;
         install::prune(&root, &name, self.cfg.keep_versions, Some(version));
         log::info!("fleet: {name} version {version} serving");
-        self.app
-            .metrics
-            .fleet
-            .updates
-            .get_or_create(&vec![("outcome".into(), "activated".into())])
-            .inc();
+        self.count_update("activated");
         let watched =
             self.cfg.canary_max_error_rate.is_some() || self.cfg.canary_max_p99_ms.is_some();
         if self.cfg.probation_ms > 0 && watched {
@@ -849,12 +844,7 @@ impl Agent {
             self.failed.insert(p.artifact, (code, generation));
         }
         self.persist();
-        self.app
-            .metrics
-            .fleet
-            .updates
-            .get_or_create(&vec![("outcome".into(), "rolled_back".into())])
-            .inc();
+        self.count_update("rolled_back");
         let to = self.local(name).active.unwrap_or(0);
         self.set_state(name, UpdateState::RolledBack { from: version, to })
             .await;
@@ -1068,17 +1058,9 @@ fn model_options(
     root: &std::path::Path,
     name: &str,
 ) -> tern_core::ModelOptions {
-    let config = ModelConfig::load_over(defaults, &root.join(name).join("config.toml"))
-        .unwrap_or_else(|_| defaults.clone());
-    tern_core::ModelOptions {
-        threads: config.threads,
-        precision: if config.f16 {
-            tern_core::Precision::F16
-        } else {
-            tern_core::Precision::AsStored
-        },
-        ..Default::default()
-    }
+    ModelConfig::load_over(defaults, &root.join(name).join("config.toml"))
+        .unwrap_or_else(|_| defaults.clone())
+        .model_options()
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use tern_core::{Batcher, Model, ModelOptions, Precision};
+use tern_core::{Batcher, Model};
 
 use crate::config::ModelConfig;
 
@@ -313,15 +313,7 @@ impl Repository {
         if wanted.is_empty() {
             return Err("the version policy selects no version on disk".into());
         }
-        let options = ModelOptions {
-            threads: config.threads,
-            precision: if config.f16 {
-                Precision::F16
-            } else {
-                Precision::AsStored
-            },
-            ..Default::default()
-        };
+        let options = config.model_options();
         let loaded = wanted
             .into_iter()
             .map(|version| {
