@@ -36,7 +36,8 @@ pub fn json_u64(doc: &str, name: &str) -> u64 {
         .unwrap()
 }
 
-/// A Python with the stock `tritonclient[http]`, numpy and prometheus-client: `$TERN_TEST_PYTHON`
+/// A Python with the stock `tritonclient[http]`, numpy, prometheus-client, paho-mqtt, onnx and
+/// pytest: `$TERN_TEST_PYTHON`
 /// if set, else a virtual environment made once under the target directory.
 pub fn python() -> PathBuf {
     // Tests run in parallel; one of them builds the environment.
@@ -56,7 +57,7 @@ pub fn python() -> PathBuf {
         && Command::new(&py)
             .args([
                 "-c",
-                "import tritonclient.http, numpy, prometheus_client, paho.mqtt.client, onnx",
+                "import tritonclient.http, numpy, prometheus_client, paho.mqtt.client, onnx, pytest",
             ])
             .status()
             .is_ok_and(|s| s.success());
@@ -80,13 +81,14 @@ pub fn python() -> PathBuf {
                 "prometheus-client",
                 "paho-mqtt",
                 "onnx",
+                "pytest",
             ])
             .status()
             .unwrap()
             .success();
         assert!(
             ok,
-            "pip install tritonclient[http] numpy prometheus-client paho-mqtt onnx failed"
+            "pip install tritonclient[http] numpy prometheus-client paho-mqtt onnx pytest failed"
         );
     }
     py

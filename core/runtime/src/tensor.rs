@@ -251,8 +251,13 @@ pub struct Tensor {
 impl Tensor {
     /// Builds a tensor, checking that the byte length matches shape and type.
     pub fn from_bytes(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Result<Tensor> {
-        let expected = shape.iter().product::<usize>() * dtype.size();
-        if data.len() != expected {
+        // Checked: shapes come from the network and the FFI; a wrapped product could match.
+        let expected = shape
+            .iter()
+            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d));
+        if expected != Some(data.len()) {
+            let expected =
+                expected.map_or_else(|| "more than usize::MAX".into(), |n| n.to_string());
             let mut s = String::new();
             let _ = fmt_shape(&mut s, shape.iter());
             return Err(Error::InvalidInput(format!(

@@ -17,6 +17,8 @@ mod keys;
 mod manifest;
 pub mod selftest;
 mod staging;
+#[cfg(feature = "validate")]
+pub mod validate;
 
 pub use error::UpdateError;
 pub use keys::{PublicKey, SecretKey, TrustedKeys};

@@ -8,7 +8,7 @@ mod agent;
 mod infer;
 pub mod plan;
 pub mod topics;
-pub mod validate;
+pub use tern_update::validate;
 
 use std::time::Duration;
 

@@ -40,6 +40,14 @@ pub enum FleetCommand {
     },
     /// Sign a model and publish it to the fleet: chunks, manifest, then the desired state.
     Push(PushArgs),
+    /// Sign a model without publishing it: writes OUT_DIR/manifest.tern (and selftest.tern)
+    /// for apps that install models through the bindings' model store.
+    Sign {
+        #[command(flatten)]
+        sign: SignArgs,
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
     /// Point the fleet (or one device) at a version already pushed, for a share of devices.
     Rollout {
         model: String,
@@ -80,8 +88,9 @@ pub enum FleetCommand {
     },
 }
 
+/// What a signed release is made of; shared by `push` and `sign`.
 #[derive(Args)]
-pub struct PushArgs {
+pub struct SignArgs {
     /// The ONNX file.
     file: PathBuf,
     #[arg(long)]
@@ -91,12 +100,6 @@ pub struct PushArgs {
     /// Secret key from `tern keygen`.
     #[arg(long)]
     key: PathBuf,
-    /// Only this device (a per-device desired state) instead of the whole fleet.
-    #[arg(long)]
-    device: Option<String>,
-    /// Staged rollout: devices whose cohort (stable hash of the id, 0..100) is below this.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u8).range(0..=100))]
-    percent: u8,
     /// Chunk payload bytes (at most 65536; AWS IoT allows 128 KiB messages).
     #[arg(long, default_value_t = tern_update::DEFAULT_CHUNK_SIZE)]
     chunk_size: u32,
@@ -109,6 +112,18 @@ pub struct PushArgs {
     selftest_atol: f32,
     #[arg(long, default_value_t = 1e-3)]
     selftest_rtol: f32,
+}
+
+#[derive(Args)]
+pub struct PushArgs {
+    #[command(flatten)]
+    sign: SignArgs,
+    /// Only this device (a per-device desired state) instead of the whole fleet.
+    #[arg(long)]
+    device: Option<String>,
+    /// Staged rollout: devices whose cohort (stable hash of the id, 0..100) is below this.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u8).range(0..=100))]
+    percent: u8,
     /// Publish the artifact only; leave the desired state alone (roll out later).
     #[arg(long)]
     no_rollout: bool,
@@ -117,8 +132,10 @@ pub struct PushArgs {
 }
 
 pub fn run(cmd: FleetCommand) -> Result<()> {
-    if let FleetCommand::Keygen { out } = &cmd {
-        return keygen(out);
+    match &cmd {
+        FleetCommand::Keygen { out } => return keygen(out),
+        FleetCommand::Sign { sign, out_dir } => return sign_to_files(sign, out_dir),
+        _ => {}
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -126,7 +143,9 @@ pub fn run(cmd: FleetCommand) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         match cmd {
-            FleetCommand::Keygen { .. } => unreachable!("handled above"),
+            FleetCommand::Keygen { .. } | FleetCommand::Sign { .. } => {
+                unreachable!("handled above")
+            }
             FleetCommand::Push(args) => push(args).await,
             FleetCommand::Rollout {
                 model,
@@ -388,8 +407,15 @@ fn with_model(
     Ok(desired)
 }
 
-async fn push(p: PushArgs) -> Result<()> {
-    let started = Instant::now();
+/// A signed release: the model's bytes, its manifest and its encoded self-test vector.
+struct Release {
+    bytes: Vec<u8>,
+    manifest: Manifest,
+    selftest: Option<Vec<u8>>,
+    key_id: String,
+}
+
+fn release(p: &SignArgs) -> Result<Release> {
     let key = SecretKey::load(&p.key)?;
     let bytes = std::fs::read(&p.file).with_context(|| format!("reading {}", p.file.display()))?;
     // A model that does not load here will not load on a device: refuse it now.
@@ -416,6 +442,49 @@ async fn push(p: PushArgs) -> Result<()> {
         selftest.as_deref().map(tern_update::sha256),
         &key,
     )?;
+    Ok(Release {
+        bytes,
+        manifest,
+        selftest,
+        key_id: key.public().id_hex(),
+    })
+}
+
+fn sign_to_files(p: &SignArgs, out_dir: &Path) -> Result<()> {
+    let r = release(p)?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let manifest = out_dir.join(tern_update::install::MANIFEST_FILE);
+    std::fs::write(&manifest, tern_update::encode_manifest(&r.manifest))
+        .with_context(|| format!("writing {}", manifest.display()))?;
+    if let Some(st) = &r.selftest {
+        let file = out_dir.join(tern_update::install::SELFTEST_FILE);
+        std::fs::write(&file, st).with_context(|| format!("writing {}", file.display()))?;
+    }
+    println!(
+        "signed {} version {} ({} bytes, sha256 {}, key {}): {}{}",
+        p.model,
+        p.version,
+        r.bytes.len(),
+        tern_update::hex(&r.manifest.body.sha256),
+        r.key_id,
+        manifest.display(),
+        if r.selftest.is_some() {
+            " with selftest.tern"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+async fn push(p: PushArgs) -> Result<()> {
+    let started = Instant::now();
+    let Release {
+        bytes,
+        manifest,
+        selftest,
+        key_id,
+    } = release(&p.sign)?;
     let sha = manifest.body.sha256;
     let mut conn = Conn::open(&p.broker).await?;
     let topics = conn.topics.clone();
@@ -428,14 +497,14 @@ async fn push(p: PushArgs) -> Result<()> {
             .expect("a valid template")
             .progress_chars("=> "),
         );
-        bar.set_message(format!("{} v{}", p.model, p.version));
+        bar.set_message(format!("{} v{}", p.sign.model, p.sign.version));
         bar
     });
     if let Some(st) = selftest {
         conn.publish_all(std::iter::once((topics.selftest(&sha), st)), None)
             .await?;
     }
-    let chunk_size = p.chunk_size as usize;
+    let chunk_size = p.sign.chunk_size as usize;
     let count = manifest.body.chunk_count;
     let data = std::sync::Arc::new(bytes);
     let (d, t) = (data.clone(), topics.clone());
@@ -468,7 +537,14 @@ async fn push(p: PushArgs) -> Result<()> {
     let mut generation = None;
     if !p.no_rollout {
         let current = conn.desired(p.device.as_deref()).await?;
-        let next = with_model(current, &p.model, p.version, sha, p.percent, false)?;
+        let next = with_model(
+            current,
+            &p.sign.model,
+            p.sign.version,
+            sha,
+            p.percent,
+            false,
+        )?;
         conn.set_desired(p.device.as_deref(), &next).await?;
         generation = Some(next.generation);
     }
@@ -480,18 +556,18 @@ async fn push(p: PushArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "model": p.model, "version": p.version, "sha256": tern_update::hex(&sha),
-                "bytes": data.len(), "chunks": count, "chunk_size": p.chunk_size,
+                "model": p.sign.model, "version": p.sign.version, "sha256": tern_update::hex(&sha),
+                "bytes": data.len(), "chunks": count, "chunk_size": p.sign.chunk_size,
                 "fleet": p.broker.fleet, "device": p.device, "percent": p.percent,
-                "generation": generation, "key_id": key.public().id_hex(),
+                "generation": generation, "key_id": key_id,
                 "selftest": manifest.body.selftest.is_some(), "seconds": seconds,
             })
         );
     } else {
         println!(
             "pushed {} version {} ({} bytes, {count} chunks, sha256 {}) in {seconds:.2} s{}",
-            p.model,
-            p.version,
+            p.sign.model,
+            p.sign.version,
             data.len(),
             &tern_update::hex(&sha)[..16],
             match generation {

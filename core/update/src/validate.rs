@@ -1,11 +1,14 @@
 //! Validation of a model before it serves: it loads, it runs, and when the manifest names a
 //! self-test vector, it reproduces the outputs the publisher recorded.
+//!
+//! Shared by ternd's fleet agent and the app bindings' model store (feature `validate`, which
+//! brings in tern-core).
 
 use std::path::Path;
 
+use crate::selftest::{compare, NamedTensor, SelfTest};
 use tern_core::{DType, Model, ModelOptions, Tensor};
 use tern_proto::FailureCode;
-use tern_update::selftest::{compare, NamedTensor, SelfTest};
 
 /// Why a candidate failed validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,7 +149,7 @@ mod tests {
     use super::*;
 
     fn models() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models")
     }
 
     #[test]
