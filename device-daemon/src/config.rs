@@ -122,6 +122,62 @@ pub struct ModelConfig {
     /// Makes this repository entry a pipeline of other models instead of a model.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<Pipeline>,
+    /// Inputs fixed to a shape, e.g. `pin = { image = "N,3,224,224" }` (a name keeps that axis
+    /// symbolic).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub pin: std::collections::BTreeMap<String, PinnedShape>,
+    /// `auto` (symbolic, or concrete plans when tract cannot keep the shapes symbolic),
+    /// `symbolic`, `concrete` or `fastest`.
+    pub plans: Plans,
+    /// Concrete plans kept per model version.
+    pub plan_cache: usize,
+}
+
+/// A [`tern_core::PlanMode`] in a config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Plans(pub tern_core::PlanMode);
+
+impl TryFrom<String> for Plans {
+    type Error = String;
+    fn try_from(s: String) -> Result<Plans, String> {
+        s.parse()
+            .map(Plans)
+            .map_err(|e: tern_core::Error| e.to_string())
+    }
+}
+
+impl From<Plans> for String {
+    fn from(p: Plans) -> String {
+        p.0.to_string()
+    }
+}
+
+/// A pinned input shape in a config file: `"N,3,224,224"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PinnedShape {
+    text: String,
+    dims: Vec<Option<usize>>,
+}
+
+impl TryFrom<String> for PinnedShape {
+    type Error = String;
+    fn try_from(text: String) -> Result<PinnedShape, String> {
+        let pin: tern_core::PinnedInput = format!("input={text}")
+            .parse()
+            .map_err(|e: tern_core::Error| e.to_string())?;
+        Ok(PinnedShape {
+            text,
+            dims: pin.shape,
+        })
+    }
+}
+
+impl From<PinnedShape> for String {
+    fn from(p: PinnedShape) -> String {
+        p.text
+    }
 }
 
 /// A DAG of models: each step maps tensors of the pipeline's namespace (its inputs and earlier
@@ -256,6 +312,9 @@ impl Default for ModelConfig {
             batching: Batching::default(),
             routing: None,
             pipeline: None,
+            pin: Default::default(),
+            plans: Plans::default(),
+            plan_cache: 8,
         }
     }
 }
@@ -373,6 +432,21 @@ impl ModelConfig {
             } else {
                 tern_core::Precision::AsStored
             },
+            pinned: self
+                .pin
+                .iter()
+                .map(|(name, shape)| tern_core::PinnedInput {
+                    name: name.clone(),
+                    shape: shape.dims.clone(),
+                })
+                .collect(),
+            plans: self.plans.0,
+            // Concrete plans are prepared ahead for the batches the batcher forms.
+            batch_sizes: std::iter::successors(Some(1usize), |b| b.checked_mul(2))
+                .take_while(|&b| b < self.batching.max_batch_size)
+                .chain([self.batching.max_batch_size.max(1)])
+                .collect(),
+            plan_cache: self.plan_cache.max(1),
             ..Default::default()
         }
     }
@@ -468,6 +542,28 @@ mod tests {
             .schedule()
             .unwrap_err()
             .contains("`w` is produced by no step"));
+    }
+
+    #[test]
+    fn pins_and_plan_modes_reach_the_executor_and_bad_ones_name_the_file() {
+        let text = "[model_defaults]\nplans = \"concrete\"\npin = { x = \"N,3,16,16\" }\n\
+                    [model_defaults.batching]\nmax_batch_size = 12\n";
+        let c = Config::from_toml(text, "ternd.toml").unwrap();
+        let o = c.model_defaults.model_options();
+        assert_eq!(o.plans, tern_core::PlanMode::Concrete);
+        assert_eq!(o.pinned[0].name, "x");
+        assert_eq!(o.pinned[0].shape, [None, Some(3), Some(16), Some(16)]);
+        assert_eq!(o.batch_sizes, [1, 2, 4, 8, 12]);
+        assert_eq!(Config::from_toml(&c.to_toml(), "x").unwrap(), c);
+        for bad in [
+            "[model_defaults]\nplans = \"quick\"\n",
+            "[model_defaults]\npin = { x = \"1,,3\" }\n",
+        ] {
+            let e = Config::from_toml(bad, "ternd.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("ternd.toml"), "{e}");
+        }
     }
 
     #[test]

@@ -132,6 +132,7 @@ impl ModelOptions {
             batch_symbol: self.batch_dim.clone(),
             max_batch: self.max_batch.map(|b| b as usize),
             int8_fusion: self.int8_fusion,
+            ..Default::default()
         })
     }
 }

@@ -44,6 +44,38 @@ pub struct Inspection {
     /// Bytes of constant parameters (initializers) in the file.
     pub parameter_bytes: u64,
     pub heavy: Vec<HeavyOp>,
+    /// How shapes are planned, and why.
+    pub plan: PlanReport,
+    /// Graph rewrites made for tract, one line each (e.g. a constant `If` folded).
+    pub rewrites: Vec<String>,
+}
+
+/// Whether one symbolic plan serves every shape or each input shape gets its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanKind {
+    Symbolic,
+    Concrete,
+}
+
+impl fmt::Display for PlanKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PlanKind::Symbolic => "symbolic",
+            PlanKind::Concrete => "concrete",
+        })
+    }
+}
+
+/// The planning mode a model ended up in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanReport {
+    pub kind: PlanKind,
+    /// Why this mode: what failed with symbols, or what was measured.
+    pub why: String,
+    /// Batch sizes planned ahead (concrete plans); a batch runs padded up to the nearest.
+    pub batch_sizes: Vec<usize>,
+    /// Concrete plans kept at most.
+    pub cache_limit: usize,
 }
 
 impl Inspection {

@@ -28,8 +28,8 @@ pub use batch::{
     LATENCY_BOUNDS_US,
 };
 pub use error::{Error, Result};
-pub use inspect::{ExecPrecision, HeavyOp, Inspection};
-pub use model::{Model, ModelOptions, Precision};
+pub use inspect::{ExecPrecision, HeavyOp, Inspection, PlanKind, PlanReport};
+pub use model::{Model, ModelOptions, PinnedInput, PlanMode, Precision};
 pub use prepare::ModelInfo;
 pub use run::{Outputs, Session};
 pub use tensor::{DType, Dim, Element, Tensor, TensorInfo, TensorView};

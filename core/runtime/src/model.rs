@@ -29,6 +29,106 @@ pub struct ModelOptions {
     pub max_batch: Option<usize>,
     /// Fuse QDQ-quantized Conv/Gemm/MatMul into int8 kernels (on by default).
     pub int8_fusion: bool,
+    /// Inputs fixed to concrete shapes. Declared output shapes and `value_info` are then
+    /// ignored, since exporters write them with the symbols the pins replace.
+    pub pinned: Vec<PinnedInput>,
+    /// Whether one plan serves every shape or each shape gets its own.
+    pub plans: PlanMode,
+    /// Batch sizes prepared ahead in concrete mode; a batch runs padded up to the nearest one.
+    /// Empty: powers of two up to `max_batch` (or 8), plus `max_batch` itself.
+    pub batch_sizes: Vec<usize>,
+    /// Concrete plans kept at most (least recently used go first).
+    pub plan_cache: usize,
+}
+
+/// How shapes are planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlanMode {
+    /// One symbolic plan for every batch size and shape; when tract cannot prepare the model
+    /// with symbols (shapes computed at run time, up-sampled sizes it cannot prove equal,
+    /// `If` branches valid only for some shapes), concrete plans instead.
+    #[default]
+    Auto,
+    /// One symbolic plan, or fail.
+    Symbolic,
+    /// One plan per input shape, batch padded up to the nearest planned size.
+    Concrete,
+    /// Prepares both, times them at load and keeps the faster (concrete shapes let tract pick
+    /// faster convolution paths; symbolic plans serve any batch without padding).
+    Fastest,
+}
+
+impl std::fmt::Display for PlanMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PlanMode::Auto => "auto",
+            PlanMode::Symbolic => "symbolic",
+            PlanMode::Concrete => "concrete",
+            PlanMode::Fastest => "fastest",
+        })
+    }
+}
+
+impl std::str::FromStr for PlanMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<PlanMode> {
+        Ok(match s {
+            "auto" => PlanMode::Auto,
+            "symbolic" => PlanMode::Symbolic,
+            "concrete" => PlanMode::Concrete,
+            "fastest" => PlanMode::Fastest,
+            _ => {
+                return Err(Error::InvalidOption(format!(
+                    "plan mode `{s}`: expected auto, symbolic, concrete or fastest"
+                )))
+            }
+        })
+    }
+}
+
+/// One input fixed to a shape. `None` keeps the model's own dimension (e.g. the batch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedInput {
+    pub name: String,
+    pub shape: Vec<Option<usize>>,
+}
+
+impl std::str::FromStr for PinnedInput {
+    type Err = Error;
+    /// `NAME=D,D,…` where each `D` is a size or a symbol name (kept symbolic), e.g.
+    /// `image=N,3,224,224`.
+    fn from_str(s: &str) -> Result<PinnedInput> {
+        let bad = |why: &str| {
+            Error::InvalidOption(format!(
+                "pin `{s}`: {why}; expected NAME=D,D,… e.g. image=N,3,224,224"
+            ))
+        };
+        let (name, dims) = s.rsplit_once('=').ok_or_else(|| bad("no `=`"))?;
+        if name.is_empty() {
+            return Err(bad("empty input name"));
+        }
+        let shape = dims
+            .split(',')
+            .map(|d| {
+                let d = d.trim();
+                match d.parse::<usize>() {
+                    Ok(n) => Ok(Some(n)),
+                    Err(_)
+                        if !d.is_empty()
+                            && d.chars()
+                                .all(|c| c.is_alphanumeric() || c == '_' || c == '?') =>
+                    {
+                        Ok(None)
+                    }
+                    Err(_) => Err(bad(&format!("`{d}` is neither a size nor a symbol"))),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PinnedInput {
+            name: name.to_string(),
+            shape,
+        })
+    }
 }
 
 impl Default for ModelOptions {
@@ -39,6 +139,10 @@ impl Default for ModelOptions {
             batch_symbol: None,
             max_batch: None,
             int8_fusion: true,
+            pinned: vec![],
+            plans: PlanMode::Auto,
+            batch_sizes: vec![],
+            plan_cache: 8,
         }
     }
 }
@@ -85,6 +189,14 @@ impl Model {
 
     pub fn inspection(&self) -> &Inspection {
         &self.inner.inspection
+    }
+
+    /// Concrete plans prepared and cached right now; `None` for a model with one symbolic plan.
+    pub fn concrete_plans(&self) -> Option<usize> {
+        match &self.inner.plans {
+            prepare::Plans::Concrete(c) => Some(c.cached()),
+            prepare::Plans::Symbolic(_) => None,
+        }
     }
 
     /// A new session: per-worker run state and reusable buffers.

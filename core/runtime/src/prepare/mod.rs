@@ -2,12 +2,16 @@
 //! Tern's rewrites, let tract type, declutter and optimize, and build the plan that sessions
 //! run. Nothing here is on the request path.
 
+mod branches;
 mod graph;
+pub(crate) mod plans;
 mod qdq;
 mod reductions;
+mod shapes;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tract_onnx::pb;
@@ -16,8 +20,8 @@ use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
 use tract_onnx::tract_core::transform::ModelTransform;
 
 use crate::error::{catch, chain, Error, Result};
-use crate::inspect::{ExecPrecision, HeavyOp, Inspection};
-use crate::model::{ModelOptions, Precision};
+use crate::inspect::{ExecPrecision, HeavyOp, Inspection, PlanKind, PlanReport};
+use crate::model::{ModelOptions, PlanMode, Precision};
 use crate::tensor::{DType, Dim, TensorInfo};
 
 /// Declared inputs and outputs of a prepared model.
@@ -51,13 +55,26 @@ impl ModelInfo {
     }
 }
 
+/// How a prepared model runs shapes.
+pub(crate) enum Plans {
+    Symbolic(Arc<TypedSimplePlan>),
+    Concrete(Box<plans::Concrete>),
+}
+
 /// Immutable, shared result of preparation. Sessions hold an `Arc` of it.
 pub(crate) struct Prepared {
-    pub(crate) plan: Arc<TypedSimplePlan>,
+    pub(crate) plans: Plans,
     pub(crate) info: ModelInfo,
     pub(crate) inspection: Inspection,
     /// tract's element type for each input, to build input tensors without re-deriving it.
     pub(crate) input_dts: Vec<DatumType>,
+}
+
+/// What every plan of a model is compiled with.
+#[derive(Debug, Clone)]
+pub(crate) struct Compile {
+    precision: Precision,
+    threads: usize,
 }
 
 pub(crate) fn prepare(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
@@ -71,6 +88,7 @@ fn prepare_inner(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
     if options.max_batch == Some(0) {
         return Err(Error::InvalidOption("max_batch must be at least 1".into()));
     }
+    let ladder = plans::ladder(&options.batch_sizes, options.max_batch)?;
     let mut proto = decode(bytes)?;
     let onnx = tract_onnx::onnx();
     check_ops(&onnx, proto.graph.as_ref().expect("checked by decode"))?;
@@ -84,6 +102,8 @@ fn prepare_inner(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
         }
         None => detect_batch(&proto),
     };
+    // A pinned batch is no batch at all.
+    let batch = batch.filter(|b| !pins_batch(&proto, &options.pinned, b));
     // Before any fusion: correctness does not depend on the int8 option.
     reductions::protect(&mut proto);
     let report = if options.int8_fusion {
@@ -91,51 +111,559 @@ fn prepare_inner(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
     } else {
         qdq::Report::default()
     };
-
+    let original_outputs = proto
+        .graph
+        .as_ref()
+        .expect("checked by decode")
+        .output
+        .clone();
+    let pinned = shapes::pin(&mut proto, &options.pinned)?;
+    let mut rewrites = branches::fold_constant_ifs(&mut proto);
+    let compile = Compile {
+        precision: options.precision,
+        threads: options.threads,
+    };
     // Declared value_info and output shapes carry a fixed batch of 1 when the batch was forced;
     // they would then fail to unify with the symbol, and tract re-derives them anyway.
-    let onnx = onnx.with_ignore_value_info(forced_batch);
+    let ignore_declared = forced_batch || pinned;
+
+    let census = (op_histogram, parameter_bytes);
+    let declared_outputs = declared_outputs(&original_outputs);
+    let ctx = Context {
+        compile,
+        batch: batch.as_deref(),
+        options,
+        report: &report,
+        census: &census,
+        ladder: &ladder,
+        declared_outputs: &declared_outputs,
+    };
+    let attempt = |ignore: bool| symbolic(&proto, ignore, &ctx).and_then(probe);
+    let symbolic = match options.plans {
+        PlanMode::Concrete => None,
+        _ => Some(match attempt(ignore_declared) {
+            // Exporters declare shapes with their own symbols (`Ho`) that tract cannot equate
+            // with what it derives (`(H+1)/2`); tract re-derives them all anyway.
+            Err(first) if !ignore_declared => match attempt(true) {
+                Ok(p) => {
+                    rewrites.push(format!(
+                        "declared output shapes and value_info ignored: {}",
+                        message(&first)
+                    ));
+                    Ok(p)
+                }
+                Err(second) => Err(second),
+            },
+            other => other,
+        }),
+    };
+    let mut prepared = match symbolic {
+        Some(Ok(s)) if options.plans != PlanMode::Fastest => s,
+        Some(Ok(s)) => match concrete(proto, &ctx) {
+            Ok(c) => fastest(s, c)?,
+            Err(e) => {
+                log::info!("no concrete plan to compare with ({e}); keeping the symbolic plan");
+                s
+            }
+        },
+        Some(Err(e)) if options.plans == PlanMode::Symbolic => {
+            return Err(Error::Prepare(format!(
+                "{} (fix: plans `auto` or `concrete` prepare one plan per input shape instead){}",
+                message(&e),
+                hint(&proto, batch.as_deref())
+            )))
+        }
+        Some(Err(sym)) => {
+            let hint = hint(&proto, batch.as_deref());
+            let mut c = concrete(proto, &ctx).map_err(|e| {
+                Error::Prepare(format!(
+                    "with symbolic shapes: {}; with concrete shapes: {}{hint}",
+                    message(&sym),
+                    message(&e)
+                ))
+            })?;
+            c.inspection.plan.why =
+                format!("tract cannot keep the shapes symbolic: {}", message(&sym));
+            log::info!(
+                "concrete plans (batch sizes {:?}): {}",
+                c.inspection.plan.batch_sizes,
+                c.inspection.plan.why
+            );
+            c
+        }
+        None => {
+            let mut c = concrete(proto, &ctx)?;
+            c.inspection.plan.why = "concrete plans were asked for".into();
+            c
+        }
+    };
+    prepared.inspection.rewrites.append(&mut rewrites);
+    Ok(prepared)
+}
+
+/// What both kinds of preparation share.
+struct Context<'a> {
+    compile: Compile,
+    batch: Option<&'a str>,
+    options: &'a ModelOptions,
+    report: &'a qdq::Report,
+    census: &'a (BTreeMap<String, usize>, u64),
+    ladder: &'a [usize],
+    /// Output shapes as the file declares them, before any pin dropped them.
+    declared_outputs: &'a [Option<Vec<Declared>>],
+}
+
+/// One declared dimension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Declared {
+    Size(usize),
+    Symbol(String),
+    Unknown,
+}
+
+fn declared(v: &pb::ValueInfoProto) -> Option<Vec<Declared>> {
+    use pb::tensor_shape_proto::dimension::Value;
+    Some(
+        dims(v)?
+            .iter()
+            .map(|d| match &d.value {
+                Some(Value::DimValue(n)) if *n >= 0 => Declared::Size(*n as usize),
+                Some(Value::DimParam(p)) if !p.is_empty() => Declared::Symbol(p.clone()),
+                _ => Declared::Unknown,
+            })
+            .collect(),
+    )
+}
+
+fn declared_outputs(outputs: &[pb::ValueInfoProto]) -> Vec<Option<Vec<Declared>>> {
+    outputs.iter().map(declared).collect()
+}
+
+/// The message of a preparation error without its "model cannot be prepared" prefix.
+fn message(e: &Error) -> String {
+    match e {
+        Error::Prepare(m) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Suggests pinning when inputs keep symbols other than the batch.
+fn hint(proto: &pb::ModelProto, batch: Option<&str>) -> String {
+    let Some(g) = proto.graph.as_ref() else {
+        return String::new();
+    };
+    let mut open = vec![];
+    for ix in real_inputs(g) {
+        let input = &g.input[ix];
+        let Some(d) = declared(input) else {
+            open.push(format!("{}=…", input.name));
+            continue;
+        };
+        let has_symbol = d.iter().enumerate().any(|(axis, d)| match d {
+            Declared::Size(_) => false,
+            Declared::Symbol(s) => !(axis == 0 && Some(s.as_str()) == batch),
+            Declared::Unknown => true,
+        });
+        if has_symbol {
+            let dims: Vec<String> = d
+                .iter()
+                .map(|d| match d {
+                    Declared::Size(n) => n.to_string(),
+                    Declared::Symbol(s) if Some(s.as_str()) == batch => s.clone(),
+                    _ => "SIZE".into(),
+                })
+                .collect();
+            open.push(format!("{}={}", input.name, dims.join(",")));
+        }
+    }
+    if open.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (fix: pin the inputs with symbolic sizes to the shapes you serve, e.g. `--pin {}`, \
+             or `pin` in the model's config.toml)",
+            open.join(" --pin ")
+        )
+    }
+}
+
+/// ONNX → decluttered typed model (in f16 when asked).
+pub(crate) fn compile(
+    proto: &pb::ModelProto,
+    ignore_declared: bool,
+    compile: &Compile,
+) -> Result<TypedModel> {
+    let started = Instant::now();
+    let onnx = tract_onnx::onnx()
+        .with_ignore_value_info(ignore_declared)
+        .with_ignore_output_shapes(ignore_declared);
     let model = onnx
-        .model_for_proto_model(&proto)
+        .model_for_proto_model(proto)
         .map_err(|e| Error::Prepare(chain(&e)))?;
-    let mut typed = model
-        .into_typed()
-        .and_then(|m| m.into_decluttered())
+    let imported = started.elapsed();
+    let typed = model.into_typed().map_err(|e| Error::Prepare(chain(&e)))?;
+    let analysed = started.elapsed();
+    let mut typed = typed
+        .into_decluttered()
         .map_err(|e| Error::Prepare(chain(&e)))?;
-    if options.precision == Precision::F16 {
+    log::debug!(
+        "tract import {imported:.1?}, typing {:.1?}, declutter {:.1?}",
+        analysed - imported,
+        started.elapsed() - analysed
+    );
+    if compile.precision == Precision::F16 {
         FloatPrecisionTranslator::new(DatumType::F32, DatumType::F16)
             .transform(&mut typed)
             .and_then(|_| typed.declutter())
             .map_err(|e| Error::Prepare(format!("converting to f16: {}", chain(&e))))?;
     }
+    Ok(typed)
+}
 
-    let info = model_info(&typed, batch.as_deref(), options.max_batch)?;
-    let input_dts = typed
+/// Decluttered model → tract's optimized, runnable plan.
+pub(crate) fn optimize(typed: TypedModel, threads: usize) -> Result<Arc<TypedSimplePlan>> {
+    let started = Instant::now();
+    let mut optimized = typed;
+    // `into_optimized` would declutter again; every caller hands over a decluttered model.
+    optimized
+        .optimize()
+        .map_err(|e| Error::Prepare(chain(&e)))?;
+    log::debug!("tract optimize {:.1?}", started.elapsed());
+    let run_options = tract_onnx::tract_core::runtime::RunOptions {
+        executor: (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads)),
+        ..Default::default()
+    };
+    TypedSimplePlan::new_with_options(optimized, &run_options)
+        .map_err(|e| Error::Prepare(chain(&e)))
+}
+
+fn input_dts(typed: &TypedModel) -> Result<Vec<DatumType>> {
+    typed
         .input_outlets()
         .and_then(|o| {
             o.iter()
                 .map(|o| Ok(typed.outlet_fact(*o)?.datum_type))
                 .collect()
         })
-        .map_err(|e| Error::Prepare(chain(&e)))?;
-    let inspection = inspect(&typed, &report, op_histogram, parameter_bytes);
+        .map_err(|e| Error::Prepare(chain(&e)))
+}
 
-    let optimized = typed
-        .into_optimized()
-        .map_err(|e| Error::Prepare(chain(&e)))?;
-    let run_options = tract_onnx::tract_core::runtime::RunOptions {
-        executor: (options.threads > 1)
-            .then(|| tract_linalg::multithread::Executor::multithread(options.threads)),
-        ..Default::default()
+fn symbolic(proto: &pb::ModelProto, ignore_declared: bool, ctx: &Context) -> Result<Prepared> {
+    let typed = compile(proto, ignore_declared, &ctx.compile)?;
+    let info = model_info(&typed, ctx.batch, ctx.options.max_batch)?;
+    let input_dts = input_dts(&typed)?;
+    let plan = PlanReport {
+        kind: PlanKind::Symbolic,
+        why: "tract keeps every shape symbolic".into(),
+        batch_sizes: vec![],
+        cache_limit: 0,
     };
-    let plan = TypedSimplePlan::new_with_options(optimized, &run_options)
-        .map_err(|e| Error::Prepare(chain(&e)))?;
+    let inspection = inspect(Some(&typed), ctx.report, ctx.census, plan);
+    let plan = optimize(typed, ctx.compile.threads)?;
     Ok(Prepared {
-        plan,
+        plans: Plans::Symbolic(plan),
         info,
         inspection,
         input_dts,
     })
+}
+
+fn concrete(proto: pb::ModelProto, ctx: &Context) -> Result<Prepared> {
+    let g = proto.graph.as_ref().expect("checked by decode");
+    let inputs: Vec<(String, i32, Vec<Declared>)> = real_inputs(g)
+        .map(|ix| {
+            let v = &g.input[ix];
+            let elem = match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+                Some(pb::type_proto::Value::TensorType(t)) => t.elem_type,
+                None => 0,
+            };
+            (v.name.clone(), elem, declared(v).unwrap_or_default())
+        })
+        .collect();
+    let batched: Vec<bool> = inputs
+        .iter()
+        .map(|(_, _, d)| matches!((d.first(), ctx.batch), (Some(Declared::Symbol(s)), Some(b)) if s == b))
+        .collect();
+    // The first plan is built now when every size but the batch is known.
+    let first: Option<Vec<Vec<usize>>> = inputs
+        .iter()
+        .zip(&batched)
+        .map(|((_, _, d), &batched)| {
+            d.iter()
+                .enumerate()
+                .map(|(axis, d)| match d {
+                    _ if axis == 0 && batched => Some(ctx.ladder[0]),
+                    Declared::Size(n) => Some(*n),
+                    _ => None,
+                })
+                .collect::<Option<Vec<usize>>>()
+                .filter(|s| !s.is_empty() || d.is_empty())
+        })
+        .collect();
+    let plans = plans::Concrete::new(
+        proto,
+        ctx.compile.clone(),
+        ctx.ladder.to_vec(),
+        batched.clone(),
+        ctx.options.plan_cache,
+    );
+    let report = PlanReport {
+        kind: PlanKind::Concrete,
+        why: String::new(),
+        batch_sizes: if ctx.batch.is_some() {
+            ctx.ladder.to_vec()
+        } else {
+            vec![]
+        },
+        cache_limit: plans.limit(),
+    };
+    let f16 = ctx.compile.precision == Precision::F16;
+    let input_info: Vec<TensorInfo> = inputs
+        .iter()
+        .zip(&batched)
+        .map(|((name, elem, d), &batched)| {
+            let dtype = onnx_dtype(*elem, f16).ok_or_else(|| {
+                Error::Prepare(format!(
+                    "input `{name}` has ONNX element type {elem}, which Tern does not serve"
+                ))
+            })?;
+            let shape = d
+                .iter()
+                .enumerate()
+                .map(|(axis, d)| match d {
+                    _ if axis == 0 && batched => {
+                        Dim::Batch(ctx.batch.unwrap_or_default().to_string())
+                    }
+                    Declared::Size(n) => Dim::Fixed(*n),
+                    Declared::Symbol(s) => Dim::Symbol(s.clone()),
+                    Declared::Unknown => Dim::Symbol("?".into()),
+                })
+                .collect();
+            Ok(TensorInfo {
+                name: name.clone(),
+                dtype,
+                shape,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let input_dts = input_info.iter().map(|i| datum_type(i.dtype)).collect();
+    let (outputs, inspection) = match first {
+        Some(shapes) => {
+            let typed = plans.typed(&shapes)?;
+            let outputs = concrete_outputs(&typed, ctx)?;
+            let inspection = inspect(Some(&typed), ctx.report, ctx.census, report);
+            let plan = optimize(typed, ctx.compile.threads)?;
+            plans.insert(&shapes, plan);
+            (outputs, inspection)
+        }
+        None => {
+            let g = plans.source().graph.as_ref().expect("checked by decode");
+            let outputs = g
+                .output
+                .iter()
+                .zip(ctx.declared_outputs)
+                .map(|(o, d)| declared_output(o, d.as_deref(), ctx.batch, f16))
+                .collect::<Result<Vec<_>>>()?;
+            (outputs, inspect(None, ctx.report, ctx.census, report))
+        }
+    };
+    let batch = ctx.batch.filter(|_| batched.iter().any(|b| *b));
+    Ok(Prepared {
+        plans: Plans::Concrete(Box::new(plans)),
+        info: ModelInfo {
+            inputs: input_info,
+            outputs,
+            batch: batch.map(String::from),
+            max_batch: ctx.options.max_batch,
+        },
+        inspection,
+        input_dts,
+    })
+}
+
+/// Outputs of a concrete plan: sizes from the plan, the batch axis where the file declares it
+/// (or, undeclared, where the size is the planned batch).
+fn concrete_outputs(typed: &TypedModel, ctx: &Context) -> Result<Vec<TensorInfo>> {
+    let info = model_info(typed, None, None)?;
+    Ok(info
+        .outputs
+        .into_iter()
+        .enumerate()
+        .map(|(ix, mut o)| {
+            if let (Some(b), Some(first)) = (ctx.batch, o.shape.first()) {
+                let declared = ctx
+                    .declared_outputs
+                    .get(ix)
+                    .and_then(|d| d.as_ref())
+                    .and_then(|d| d.first());
+                let is_batch = match declared {
+                    Some(Declared::Symbol(s)) => s == b,
+                    Some(Declared::Size(_)) => false,
+                    _ => *first == Dim::Fixed(ctx.ladder[0]),
+                };
+                if is_batch {
+                    o.shape[0] = Dim::Batch(b.to_string());
+                }
+            }
+            o
+        })
+        .collect())
+}
+
+fn declared_output(
+    o: &pb::ValueInfoProto,
+    declared: Option<&[Declared]>,
+    batch: Option<&str>,
+    f16: bool,
+) -> Result<TensorInfo> {
+    let elem = match o.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(pb::type_proto::Value::TensorType(t)) => t.elem_type,
+        None => 0,
+    };
+    let dtype = onnx_dtype(elem, f16).ok_or_else(|| {
+        Error::Prepare(format!(
+            "output `{}` declares element type {elem}, which Tern does not serve",
+            o.name
+        ))
+    })?;
+    let shape = declared
+        .unwrap_or_default()
+        .iter()
+        .map(|d| match d {
+            Declared::Size(n) => Dim::Fixed(*n),
+            Declared::Symbol(s) if Some(s.as_str()) == batch => Dim::Batch(s.clone()),
+            Declared::Symbol(s) => Dim::Symbol(s.clone()),
+            Declared::Unknown => Dim::Symbol("?".into()),
+        })
+        .collect();
+    Ok(TensorInfo {
+        name: o.name.clone(),
+        dtype,
+        shape,
+    })
+}
+
+fn onnx_dtype(elem: i32, f16: bool) -> Option<DType> {
+    use pb::tensor_proto::DataType as T;
+    Some(match T::try_from(elem).ok()? {
+        T::Float if f16 => DType::F16,
+        T::Float => DType::F32,
+        T::Float16 => DType::F16,
+        T::Int8 => DType::I8,
+        T::Uint8 => DType::U8,
+        T::Int32 => DType::I32,
+        T::Int64 => DType::I64,
+        T::Bool => DType::Bool,
+        _ => return None,
+    })
+}
+
+fn datum_type(d: DType) -> DatumType {
+    match d {
+        DType::F32 => DatumType::F32,
+        DType::F16 => DatumType::F16,
+        DType::I8 => DatumType::I8,
+        DType::U8 => DatumType::U8,
+        DType::I32 => DatumType::I32,
+        DType::I64 => DatumType::I64,
+        DType::Bool => DatumType::Bool,
+    }
+}
+
+/// Times both plans on zeros (batch 1, after one untimed run each) and keeps the faster.
+fn fastest(symbolic: Prepared, concrete: Prepared) -> Result<Prepared> {
+    let time = |p: Prepared| -> Result<(Duration, Prepared)> {
+        let model = crate::model::Model { inner: Arc::new(p) };
+        let mut session = model.session()?;
+        let zeros = session.zeros(1, None)?;
+        let Some(zeros) = zeros else {
+            drop(session);
+            return Ok((Duration::ZERO, unwrap_model(model)));
+        };
+        let views: Vec<_> = zeros.iter().map(|t| t.view()).collect();
+        session.run(&views)?;
+        let mut runs = Vec::with_capacity(7);
+        for _ in 0..7 {
+            let t = Instant::now();
+            session.run(&views)?;
+            runs.push(t.elapsed());
+        }
+        runs.sort_unstable();
+        drop(session);
+        Ok((runs[runs.len() / 2], unwrap_model(model)))
+    };
+    let (s_time, symbolic) = time(symbolic)?;
+    let (c_time, mut concrete) = time(concrete)?;
+    let chosen = if c_time < s_time {
+        concrete.inspection.plan.why =
+            format!("faster than the symbolic plan at batch 1: {c_time:.1?} vs {s_time:.1?}");
+        concrete
+    } else {
+        let mut s = symbolic;
+        s.inspection.plan.why =
+            format!("faster than concrete plans at batch 1: {s_time:.1?} vs {c_time:.1?}");
+        s
+    };
+    log::info!(
+        "plans: {} ({})",
+        chosen.inspection.plan.kind,
+        chosen.inspection.plan.why
+    );
+    Ok(chosen)
+}
+
+/// Size given to symbolic dimensions other than the batch when probing: a multiple of the
+/// strides detectors and U-Nets use.
+const PROBE_SIZE: usize = 32;
+
+/// Runs a symbolic plan once on zeros. tract sometimes types a graph symbolically that it then
+/// cannot evaluate ("Undetermined symbol in expression"); concrete plans serve such models.
+fn probe(prepared: Prepared) -> Result<Prepared> {
+    let started = Instant::now();
+    let model = crate::model::Model {
+        inner: Arc::new(prepared),
+    };
+    let outcome = model.session().and_then(|mut session| {
+        if let Some(zeros) = session.zeros(1, Some(PROBE_SIZE))? {
+            let views: Vec<_> = zeros.iter().map(|t| t.view()).collect();
+            session.run(&views)?;
+        }
+        Ok(())
+    });
+    log::debug!("probe run {:.1?}", started.elapsed());
+    match outcome {
+        Ok(()) => Ok(unwrap_model(model)),
+        Err(e) => Err(Error::Prepare(format!(
+            "the symbolic plan fails on a probe run: {}",
+            message(&e)
+        ))),
+    }
+}
+
+fn unwrap_model(model: crate::model::Model) -> Prepared {
+    match Arc::try_unwrap(model.inner) {
+        Ok(p) => p,
+        Err(_) => unreachable!("the timing session was dropped: no other owner"),
+    }
+}
+
+/// True when a pin fixes axis 0 of every input that carries the batch symbol.
+fn pins_batch(proto: &pb::ModelProto, pins: &[crate::model::PinnedInput], batch: &str) -> bool {
+    let Some(g) = proto.graph.as_ref() else {
+        return false;
+    };
+    let batched: Vec<&str> = real_inputs(g)
+        .filter(|&ix| {
+            matches!(declared(&g.input[ix]).as_deref().and_then(|d| d.first()),
+                Some(Declared::Symbol(s)) if s == batch)
+        })
+        .map(|ix| g.input[ix].name.as_str())
+        .collect();
+    !batched.is_empty()
+        && batched.iter().all(|name| {
+            pins.iter()
+                .any(|p| p.name == *name && p.shape.first().is_some_and(|d| d.is_some()))
+        })
 }
 
 fn decode(bytes: &[u8]) -> Result<pb::ModelProto> {
@@ -361,13 +889,15 @@ fn model_info(m: &TypedModel, batch: Option<&str>, max_batch: Option<usize>) -> 
 /// Classifies every convolution and matrix product by the element type it really computes in,
 /// read from tract's typed graph rather than from what the rewrite intended.
 fn inspect(
-    m: &TypedModel,
+    m: Option<&TypedModel>,
     report: &qdq::Report,
-    op_histogram: BTreeMap<String, usize>,
-    parameter_bytes: u64,
+    census: &(BTreeMap<String, usize>, u64),
+    plan: PlanReport,
 ) -> Inspection {
     let mut heavy = vec![];
-    for node in m.nodes() {
+    let nodes = m.map(|m| m.nodes()).unwrap_or(&[]);
+    for node in nodes {
+        let Some(m) = m else { break };
         let op = node.op.name();
         let kind = match &*op {
             "Conv" => "Conv",
@@ -415,8 +945,10 @@ fn inspect(
         }
     }
     Inspection {
-        op_histogram,
-        parameter_bytes,
+        op_histogram: census.0.clone(),
+        parameter_bytes: census.1,
         heavy,
+        plan,
+        rewrites: vec![],
     }
 }

@@ -63,6 +63,10 @@ enum Command {
         /// Untimed iterations first.
         #[arg(long, default_value_t = 10)]
         warmup: usize,
+        /// Cold start instead: this many fresh processes each load the file and run it once;
+        /// reports file → first result (median and min).
+        #[arg(long, value_name = "RUNS")]
+        cold: Option<usize>,
         #[command(flatten)]
         prep: PrepArgs,
         #[arg(long)]
@@ -138,6 +142,12 @@ struct PrepArgs {
     /// Keep QDQ models in float (disable Tern's int8 fusion), for comparison.
     #[arg(long)]
     no_int8_fusion: bool,
+    /// Fix an input's shape, e.g. `image=N,3,224,224` (a name keeps that axis symbolic).
+    #[arg(long = "pin", value_name = "NAME=D,D,…")]
+    pins: Vec<tern_core::PinnedInput>,
+    /// How shapes are planned: auto, symbolic, concrete (one plan per shape), fastest.
+    #[arg(long, default_value = "auto")]
+    plans: tern_core::PlanMode,
 }
 
 impl PrepArgs {
@@ -150,8 +160,10 @@ impl PrepArgs {
                 Precision::AsStored
             },
             batch_symbol: self.batch_symbol.clone(),
-            max_batch: None,
             int8_fusion: !self.no_int8_fusion,
+            pinned: self.pins.clone(),
+            plans: self.plans,
+            ..Default::default()
         }
     }
 }
@@ -184,10 +196,13 @@ fn real_main(cli: Cli) -> Result<()> {
             load,
             iters,
             warmup,
+            cold,
             prep,
             json,
         } => {
-            if let Some(url) = &load.url {
+            if let Some(runs) = cold {
+                bench_cold(&model, runs, json)
+            } else if let Some(url) = &load.url {
                 bench_http(url, &model, batch, &load, json)
             } else if load.clients.is_some() || load.rate.is_some() {
                 bench_load(&model, &prep, batch, &load, json)
@@ -240,6 +255,13 @@ fn inspect(path: &Path, prep: &PrepArgs, json: bool) -> Result<()> {
             "parameter_bytes": insp.parameter_bytes,
             "op_histogram": insp.op_histogram,
             "heavy_ops": heavy,
+            "plans": {
+                "mode": insp.plan.kind.to_string(),
+                "why": insp.plan.why,
+                "batch_sizes": insp.plan.batch_sizes,
+                "cache_limit": insp.plan.cache_limit,
+            },
+            "rewrites": insp.rewrites,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -257,6 +279,16 @@ fn inspect(path: &Path, prep: &PrepArgs, json: bool) -> Result<()> {
         "batch dimension: {}",
         info.batch.as_deref().unwrap_or("none (fixed shapes)")
     );
+    println!("plans: {} ({})", insp.plan.kind, insp.plan.why);
+    if !insp.plan.batch_sizes.is_empty() {
+        println!(
+            "  batch sizes planned: {:?} (a batch runs padded up to the nearest); up to {} plans kept",
+            insp.plan.batch_sizes, insp.plan.cache_limit
+        );
+    }
+    for r in &insp.rewrites {
+        println!("rewrite: {r}");
+    }
     println!("parameters: {} bytes", insp.parameter_bytes);
     let ops: Vec<String> = insp
         .op_histogram
@@ -409,6 +441,72 @@ fn random_inputs(model: &Model, batch: usize, mut seed: u64) -> Result<Vec<Tenso
         tensors.push(random_input(input.dtype, shape, &mut seed)?);
     }
     Ok(tensors)
+}
+
+/// Runs `tern bench` once per fresh process (this command line without `--cold`, timed
+/// iterations or output flags) and summarises file → first result.
+fn bench_cold(path: &Path, runs: usize, json: bool) -> Result<()> {
+    if runs == 0 {
+        bail!("--cold must be at least 1");
+    }
+    let mut forwarded = vec![];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--cold" | "--iters" | "--warmup" => {
+                args.next();
+            }
+            "--json" => {}
+            _ if ["--cold=", "--iters=", "--warmup="]
+                .iter()
+                .any(|p| a.starts_with(p)) => {}
+            _ => forwarded.push(a),
+        }
+    }
+    let exe = std::env::current_exe()?;
+    let (mut load, mut first, mut total) = (vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let out = std::process::Command::new(&exe)
+            .args(&forwarded)
+            .args(["--iters", "1", "--warmup", "0", "--json"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "child run failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let l = doc["load_ms"].as_f64().unwrap_or(f64::NAN);
+        let f = doc["latency_us"]["max_us"].as_f64().unwrap_or(f64::NAN) / 1e3;
+        load.push(l);
+        first.push(f);
+        total.push(l + f);
+    }
+    let stat = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0])
+    };
+    let (load, first, total) = (stat(&mut load), stat(&mut first), stat(&mut total));
+    if json {
+        let doc = serde_json::json!({
+            "model": path.display().to_string(),
+            "runs": runs,
+            "load_ms": {"median": load.0, "min": load.1},
+            "first_run_ms": {"median": first.0, "min": first.1},
+            "cold_start_ms": {"median": total.0, "min": total.1},
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "model {}  cold start over {runs} fresh processes (median / min)",
+            path.display()
+        );
+        println!("load+prepare {:.1} / {:.1} ms", load.0, load.1);
+        println!("first run    {:.1} / {:.1} ms", first.0, first.1);
+        println!("file → first result {:.1} / {:.1} ms", total.0, total.1);
+    }
+    Ok(())
 }
 
 fn bench(

@@ -1,0 +1,196 @@
+//! Plans: one symbolic plan for every shape, or concrete plans per input shape.
+//!
+//! tract keeps the batch (and spatial sizes) symbolic when it can prove every shape in the graph
+//! from the symbols. Real exports often defeat that: a `Reshape` whose target is computed at run
+//! time from `Shape → Gather → Concat`, up-sampled sizes it cannot prove equal to a skip
+//! connection's, `If` branches valid for only some shapes. With every input shape concrete, all
+//! of those become constants, so Tern prepares one plan per input shape instead: batch sizes
+//! from a fixed ladder (a batch runs padded up to the nearest rung), other sizes on demand, kept
+//! in a bounded least-recently-used cache shared by all sessions of the model.
+
+use std::sync::{Arc, Mutex};
+
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+use super::{branches, compile, optimize, shapes, Compile};
+use crate::error::{Error, Result};
+
+/// Concrete plans for one model. Shared by every session; sessions cache the states they made.
+pub(crate) struct Concrete {
+    /// The rewritten model with its symbols still in place; each plan pins it anew.
+    source: pb::ModelProto,
+    compile: Compile,
+    /// Sorted, distinct, at least one.
+    batch_sizes: Vec<usize>,
+    /// Per input: whether its axis 0 is the batch.
+    batched: Vec<bool>,
+    limit: usize,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    tick: u64,
+    plans: Vec<(Vec<Vec<usize>>, Arc<TypedSimplePlan>, u64)>,
+}
+
+impl Cache {
+    /// The cached plan for `shapes`, marked as the most recently used.
+    fn touch(&mut self, shapes: &[Vec<usize>]) -> Option<Arc<TypedSimplePlan>> {
+        self.tick += 1;
+        let tick = self.tick;
+        let entry = self
+            .plans
+            .iter_mut()
+            .find(|(k, _, _)| k.as_slice() == shapes)?;
+        entry.2 = tick;
+        Some(entry.1.clone())
+    }
+}
+
+impl Concrete {
+    pub(crate) fn new(
+        source: pb::ModelProto,
+        compile: Compile,
+        batch_sizes: Vec<usize>,
+        batched: Vec<bool>,
+        limit: usize,
+    ) -> Concrete {
+        Concrete {
+            source,
+            compile,
+            batch_sizes,
+            batched,
+            limit: limit.max(1),
+            cache: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn batch_sizes(&self) -> &[usize] {
+        &self.batch_sizes
+    }
+
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub(crate) fn is_batched(&self, input: usize) -> bool {
+        self.batched.get(input).copied().unwrap_or(false)
+    }
+
+    /// The planned batch a request of `rows` runs at: the nearest planned size at or above it,
+    /// or `rows` itself beyond the largest (planned on demand).
+    pub(crate) fn padded(&self, rows: usize) -> usize {
+        self.batch_sizes
+            .iter()
+            .copied()
+            .find(|&b| b >= rows)
+            .unwrap_or(rows)
+    }
+
+    /// The plan for these exact input shapes, prepared now if no session asked for it before.
+    pub(crate) fn plan(&self, shapes: &[Vec<usize>]) -> Result<Arc<TypedSimplePlan>> {
+        if let Some(plan) = self.lock().touch(shapes) {
+            return Ok(plan);
+        }
+        // Built outside the lock: a slow preparation must not stall sessions running other
+        // shapes. Two sessions racing for the same new shape both build; one result is kept.
+        let started = std::time::Instant::now();
+        let typed = self.typed(shapes)?;
+        let plan = optimize(typed, self.compile.threads)?;
+        log::info!(
+            "planned input shapes {shapes:?} in {:.0?}",
+            started.elapsed()
+        );
+        let mut c = self.lock();
+        if let Some(plan) = c.touch(shapes) {
+            return Ok(plan);
+        }
+        let tick = c.tick;
+        if c.plans.len() >= self.limit {
+            if let Some(oldest) = (0..c.plans.len()).min_by_key(|&i| c.plans[i].2) {
+                let (k, _, _) = c.plans.swap_remove(oldest);
+                log::debug!("plan for {k:?} evicted (cache holds {})", self.limit);
+            }
+        }
+        c.plans.push((shapes.to_vec(), plan.clone(), tick));
+        Ok(plan)
+    }
+
+    /// Keeps a plan built outside [`Concrete::plan`] (the first one, built at load).
+    pub(crate) fn insert(&self, shapes: &[Vec<usize>], plan: Arc<TypedSimplePlan>) {
+        let mut c = self.lock();
+        c.tick += 1;
+        let tick = c.tick;
+        c.plans.push((shapes.to_vec(), plan, tick));
+    }
+
+    pub(crate) fn source(&self) -> &pb::ModelProto {
+        &self.source
+    }
+
+    /// The decluttered model for these input shapes.
+    pub(crate) fn typed(&self, shapes: &[Vec<usize>]) -> Result<TypedModel> {
+        let mut proto = self.source.clone();
+        shapes::pin_all(&mut proto, shapes)?;
+        branches::fold_constant_ifs(&mut proto);
+        compile(&proto, true, &self.compile)
+    }
+
+    /// Plans currently cached, for tests and metrics.
+    pub(crate) fn cached(&self) -> usize {
+        self.lock().plans.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // Every update is one push, swap_remove or assignment: a poisoned lock is consistent.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The batch ladder: the configured sizes, or powers of two up to the largest batch plus the
+/// largest itself.
+pub(crate) fn ladder(configured: &[usize], max_batch: Option<usize>) -> Result<Vec<usize>> {
+    let mut sizes: Vec<usize> = if configured.is_empty() {
+        let max = max_batch.unwrap_or(8);
+        let mut v: Vec<usize> = std::iter::successors(Some(1usize), |b| b.checked_mul(2))
+            .take_while(|&b| b < max)
+            .collect();
+        v.push(max);
+        v
+    } else {
+        configured.to_vec()
+    };
+    if sizes.contains(&0) {
+        return Err(Error::InvalidOption(
+            "batch sizes must be at least 1".into(),
+        ));
+    }
+    if let Some(max) = max_batch {
+        if let Some(big) = sizes.iter().find(|&&b| b > max) {
+            return Err(Error::InvalidOption(format!(
+                "batch size {big} exceeds max_batch {max}"
+            )));
+        }
+    }
+    sizes.sort_unstable();
+    sizes.dedup();
+    Ok(sizes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ladder_doubles_up_to_the_largest_batch() {
+        assert_eq!(ladder(&[], Some(8)).unwrap(), [1, 2, 4, 8]);
+        assert_eq!(ladder(&[], Some(12)).unwrap(), [1, 2, 4, 8, 12]);
+        assert_eq!(ladder(&[], Some(1)).unwrap(), [1]);
+        assert_eq!(ladder(&[], None).unwrap(), [1, 2, 4, 8]);
+        assert_eq!(ladder(&[4, 1, 4], Some(4)).unwrap(), [1, 4]);
+        assert!(ladder(&[0], None).is_err());
+        assert!(ladder(&[16], Some(8)).is_err());
+    }
+}
