@@ -16,9 +16,13 @@ use common::{binary, digits_request, json_u64, python, repo, served_version, Dae
 #[test]
 fn the_bundled_repository_runs_through_the_cli() {
     let out_root = std::env::temp_dir().join(format!("tern-e2e-{}", std::process::id()));
-    let labels =
-        tern_core::npy::read_file(repo().join("models/testdata/digits_test_y.npy")).unwrap();
-    let labels = labels.view().to_vec::<i64>().unwrap();
+    let labels = |file: &str| {
+        tern_core::npy::read_file(repo().join("models/testdata").join(file))
+            .unwrap()
+            .view()
+            .to_vec::<i64>()
+            .unwrap()
+    };
     let mut seen = 0;
     for entry in std::fs::read_dir(repo().join("models")).unwrap() {
         let dir = entry.unwrap().path();
@@ -27,12 +31,19 @@ fn the_bundled_repository_runs_through_the_cli() {
             continue;
         }
         let name = dir.file_name().unwrap().to_str().unwrap().to_string();
+        // (input, its test data, labels, classes): the digits family, or the activity model.
+        let (input, x, y, classes) = if name == "activity" {
+            ("window", "activity_windows.npy", "activity_labels.npy", 2)
+        } else {
+            ("input", "digits_test_x.npy", "digits_test_y.npy", 10)
+        };
+        let labels = labels(y);
         let out_dir = out_root.join(&name);
         let status = Command::new(binary("tern"))
             .args(["run", model.to_str().unwrap(), "--input"])
             .arg(format!(
-                "input={}",
-                repo().join("models/testdata/digits_test_x.npy").display()
+                "{input}={}",
+                repo().join("models/testdata").join(x).display()
             ))
             .arg("--output-dir")
             .arg(&out_dir)
@@ -69,10 +80,13 @@ fn the_bundled_repository_runs_through_the_cli() {
         };
         let rows = labels.len();
         let agree = (0..rows)
-            .filter(|&i| argmax(&got[i * 10..][..10]) == argmax(&reference[i * 10..][..10]))
+            .filter(|&i| {
+                argmax(&got[i * classes..][..classes])
+                    == argmax(&reference[i * classes..][..classes])
+            })
             .count();
         let correct = (0..rows)
-            .filter(|&i| argmax(&got[i * 10..][..10]) as i64 == labels[i])
+            .filter(|&i| argmax(&got[i * classes..][..classes]) as i64 == labels[i])
             .count();
         assert!(
             agree * 100 >= rows * 99,
@@ -84,7 +98,7 @@ fn the_bundled_repository_runs_through_the_cli() {
         );
         seen += 1;
     }
-    assert!(seen >= 6, "expected the six bundled models, found {seen}");
+    assert!(seen >= 8, "expected the bundled models, found {seen}");
     std::fs::remove_dir_all(out_root).ok();
 }
 

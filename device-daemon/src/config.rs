@@ -29,6 +29,33 @@ pub struct Config {
     /// Fleet updates and inference over MQTT, when set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fleet: Option<Fleet>,
+    /// Sensor streams run through models (`[[streams]]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<Stream>,
+}
+
+/// A sensor stream: samples from `source`, windows of `window` samples every `hop`, each run
+/// through `model`; results counted in `/metrics` and published to `topic`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stream {
+    pub name: String,
+    /// `file:PATH` (lines `x,y,z` in g), `stdin`, or `i2c:/dev/i2c-N[@0x68]` (an MPU-6050).
+    pub source: String,
+    /// Samples per second read from the source (a file replays at this pace).
+    pub rate_hz: f64,
+    /// Samples per window; the model's input is `[N, 3, window]` (x/y/z × time).
+    pub window: usize,
+    /// Samples between two windows (`window` for no overlap).
+    pub hop: usize,
+    /// A model of the repository (its served version).
+    pub model: String,
+    /// MQTT topic for the results (JSON), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// Broker for `topic`; the fleet's by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<String>,
 }
 
 /// Membership of a fleet: where the broker is, who this device is, whom it trusts.
@@ -97,6 +124,7 @@ impl Default for Config {
             memory_budget_bytes: None,
             model_defaults: ModelConfig::default(),
             fleet: None,
+            streams: vec![],
         }
     }
 }
@@ -131,25 +159,38 @@ pub struct ModelConfig {
     pub plans: Plans,
     /// Concrete plans kept per model version.
     pub plan_cache: usize,
+    /// `cpu`, or `cuda` (needs ternd built with `--features cuda`; runs on the CPU, with a
+    /// warning, where no GPU is usable).
+    pub device: DeviceName,
 }
 
-/// A [`tern_core::PlanMode`] in a config file.
+/// An executor setting named in a config file (`plans = "concrete"`, `device = "cuda"`),
+/// checked when the file is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Plans(pub tern_core::PlanMode);
+#[serde(
+    try_from = "String",
+    into = "String",
+    bound = "T: std::str::FromStr<Err = tern_core::Error> + std::fmt::Display + Clone"
+)]
+pub struct Named<T>(pub T);
 
-impl TryFrom<String> for Plans {
+/// A [`tern_core::PlanMode`] in a config file.
+pub type Plans = Named<tern_core::PlanMode>;
+/// A [`tern_core::Device`] in a config file.
+pub type DeviceName = Named<tern_core::Device>;
+
+impl<T: std::str::FromStr<Err = tern_core::Error>> TryFrom<String> for Named<T> {
     type Error = String;
-    fn try_from(s: String) -> Result<Plans, String> {
+    fn try_from(s: String) -> Result<Named<T>, String> {
         s.parse()
-            .map(Plans)
+            .map(Named)
             .map_err(|e: tern_core::Error| e.to_string())
     }
 }
 
-impl From<Plans> for String {
-    fn from(p: Plans) -> String {
-        p.0.to_string()
+impl<T: std::fmt::Display> From<Named<T>> for String {
+    fn from(n: Named<T>) -> String {
+        n.0.to_string()
     }
 }
 
@@ -315,6 +356,7 @@ impl Default for ModelConfig {
             pin: Default::default(),
             plans: Plans::default(),
             plan_cache: 8,
+            device: DeviceName::default(),
         }
     }
 }
@@ -447,6 +489,7 @@ impl ModelConfig {
                 .chain([self.batching.max_batch_size.max(1)])
                 .collect(),
             plan_cache: self.plan_cache.max(1),
+            device: self.device.0,
             ..Default::default()
         }
     }

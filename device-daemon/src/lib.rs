@@ -8,6 +8,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod repository;
 pub mod stats;
+pub mod stream;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +23,8 @@ pub enum DaemonError {
     Serve(std::io::Error),
     #[error("fleet: {0}")]
     Fleet(#[from] fleet::FleetError),
+    #[error(transparent)]
+    Stream(#[from] stream::StreamError),
 }
 
 /// Serves the repository on `listener` until `shutdown` resolves, then stops accepting,
@@ -70,6 +73,7 @@ pub async fn run(
         // Configuration errors surface here, before the server starts.
         fleet::start(fleet, state.clone())?;
     }
+    stream::start(&state.config.streams.clone(), state.clone())?;
     let loader = state.clone();
     tokio::task::spawn_blocking(move || {
         let results = loader.repo.load_all();

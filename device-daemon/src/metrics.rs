@@ -19,6 +19,15 @@ pub struct Metrics {
     registry: Registry,
     http: Family<Vec<(String, String)>, Counter>,
     pub fleet: FleetCounters,
+    pub streams: StreamCounters,
+}
+
+/// What sensor streams count.
+#[derive(Debug, Default, Clone)]
+pub struct StreamCounters {
+    pub samples: Family<Vec<(String, String)>, Counter>,
+    /// Windows by stream and outcome: `ok`, `error`, `bad_sample`, `source_error`.
+    pub windows: Family<Vec<(String, String)>, Counter>,
 }
 
 /// What the fleet agent counts: enough to prove a resumed transfer fetched no chunk twice.
@@ -69,12 +78,24 @@ impl Metrics {
             "Fleet updates by outcome",
             fleet.updates.clone(),
         );
+        let streams = StreamCounters::default();
+        registry.register(
+            "tern_stream_samples",
+            "Sensor samples read, by stream",
+            streams.samples.clone(),
+        );
+        registry.register(
+            "tern_stream_windows",
+            "Sensor windows by stream and outcome",
+            streams.windows.clone(),
+        );
         registry.register_collector(Box::new(ModelCollector { repo }));
         registry.register_collector(Box::new(ProcessCollector));
         Metrics {
             registry,
             http,
             fleet,
+            streams,
         }
     }
 

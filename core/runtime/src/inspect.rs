@@ -48,6 +48,9 @@ pub struct Inspection {
     pub plan: PlanReport,
     /// Graph rewrites made for tract, one line each (e.g. a constant `If` folded).
     pub rewrites: Vec<String>,
+    /// Where the model runs, and why not where it was asked to, if so.
+    pub device: crate::model::Device,
+    pub device_note: Option<String>,
 }
 
 /// Whether one symbolic plan serves every shape or each input shape gets its own.

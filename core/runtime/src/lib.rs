@@ -29,7 +29,7 @@ pub use batch::{
 };
 pub use error::{Error, Result};
 pub use inspect::{ExecPrecision, HeavyOp, Inspection, PlanKind, PlanReport};
-pub use model::{Model, ModelOptions, PinnedInput, PlanMode, Precision};
+pub use model::{Device, Model, ModelOptions, PinnedInput, PlanMode, Precision};
 pub use prepare::ModelInfo;
 pub use run::{Outputs, Session};
 pub use tensor::{DType, Dim, Element, Tensor, TensorInfo, TensorView};

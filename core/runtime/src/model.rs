@@ -39,6 +39,41 @@ pub struct ModelOptions {
     pub batch_sizes: Vec<usize>,
     /// Concrete plans kept at most (least recently used go first).
     pub plan_cache: usize,
+    /// Where the model runs.
+    pub device: Device,
+}
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU through tract's CUDA runtime (ops tract cannot place there stay on the
+    /// CPU). Without a usable GPU the model runs on the CPU, and says why in its inspection.
+    /// Needs a build with the `cuda` feature; without it, asking for CUDA is an error.
+    Cuda,
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            _ => Err(Error::InvalidOption(format!(
+                "device `{s}`: expected cpu or cuda"
+            ))),
+        }
+    }
 }
 
 /// How shapes are planned.
@@ -143,6 +178,7 @@ impl Default for ModelOptions {
             plans: PlanMode::Auto,
             batch_sizes: vec![],
             plan_cache: 8,
+            device: Device::Cpu,
         }
     }
 }

@@ -288,3 +288,39 @@ fn warm_up_prepares_every_planned_batch_size() {
     model.session().unwrap().warm_up().unwrap();
     assert_eq!(model.concrete_plans(), Some(2));
 }
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_in_a_build_without_the_feature_is_a_clear_error() {
+    let options = ModelOptions {
+        device: tern_core::Device::Cuda,
+        ..Default::default()
+    };
+    let err = Model::load(repo().join("models/digits/1/model.onnx"), &options).unwrap_err();
+    assert!(matches!(err, Error::InvalidOption(_)), "{err}");
+    assert!(err.to_string().contains("--features cuda"), "{err}");
+}
+
+/// Built with `--features cuda` on a machine without a GPU: the model runs on the CPU and its
+/// inspection says why. (With a GPU the same test checks it really runs there.)
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_runs_on_the_gpu_or_falls_back_to_the_cpu_saying_why() {
+    let options = ModelOptions {
+        device: tern_core::Device::Cuda,
+        ..Default::default()
+    };
+    let model = Model::load(repo().join("models/digits/1/model.onnx"), &options).unwrap();
+    let insp = model.inspection();
+    match insp.device {
+        tern_core::Device::Cuda => assert!(insp.device_note.is_none()),
+        tern_core::Device::Cpu => {
+            let note = insp.device_note.as_deref().unwrap();
+            assert!(note.contains("running on the CPU"), "{note}");
+        }
+    }
+    let x = npy::read_file(repo().join("models/testdata/digits_test_x.npy")).unwrap();
+    let reference = npy::read_file(repo().join("models/testdata/digits.ref.npy")).unwrap();
+    let got = run(&model, &x);
+    assert!(max_abs_diff(&got, &reference) <= 1e-3);
+}

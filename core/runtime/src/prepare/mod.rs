@@ -21,7 +21,7 @@ use tract_onnx::tract_core::transform::ModelTransform;
 
 use crate::error::{catch, chain, Error, Result};
 use crate::inspect::{ExecPrecision, HeavyOp, Inspection, PlanKind, PlanReport};
-use crate::model::{ModelOptions, PlanMode, Precision};
+use crate::model::{Device, ModelOptions, PlanMode, Precision};
 use crate::tensor::{DType, Dim, TensorInfo};
 
 /// Declared inputs and outputs of a prepared model.
@@ -75,6 +75,7 @@ pub(crate) struct Prepared {
 pub(crate) struct Compile {
     precision: Precision,
     threads: usize,
+    device: Device,
 }
 
 pub(crate) fn prepare(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
@@ -119,9 +120,11 @@ fn prepare_inner(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
         .clone();
     let pinned = shapes::pin(&mut proto, &options.pinned)?;
     let mut rewrites = branches::fold_constant_ifs(&mut proto);
+    let (device, device_note) = device(options.device)?;
     let compile = Compile {
         precision: options.precision,
         threads: options.threads,
+        device,
     };
     // Declared value_info and output shapes carry a fixed batch of 1 when the batch was forced;
     // they would then fail to unify with the symbol, and tract re-derives them anyway.
@@ -198,6 +201,8 @@ fn prepare_inner(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
         }
     };
     prepared.inspection.rewrites.append(&mut rewrites);
+    prepared.inspection.device = device;
+    prepared.inspection.device_note = device_note;
     Ok(prepared)
 }
 
@@ -320,8 +325,51 @@ pub(crate) fn compile(
     Ok(typed)
 }
 
+/// The device a model asked for runs on, or the CPU with the reason.
+fn device(asked: Device) -> Result<(Device, Option<String>)> {
+    match asked {
+        Device::Cpu => Ok((Device::Cpu, None)),
+        Device::Cuda => cuda_device(),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> Result<(Device, Option<String>)> {
+    // Loads the driver, cudart, nvrtc, cuBLAS and cuDNN; any of them missing means no GPU.
+    let usable = std::panic::catch_unwind(|| {
+        tract_cuda::utils::ensure_cuda_runtime_dependencies("CUDA runtime libraries not found")
+            .map_err(|e| format!("{e:#}"))
+    })
+    .unwrap_or_else(|_| Err("probing CUDA panicked".into()));
+    match usable {
+        Ok(()) => Ok((Device::Cuda, None)),
+        Err(why) => {
+            let note = format!("CUDA was asked for but is unavailable, running on the CPU: {why}");
+            log::warn!("{note}");
+            Ok((Device::Cpu, Some(note)))
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> Result<(Device, Option<String>)> {
+    Err(Error::InvalidOption(
+        "device `cuda` needs Tern built with the `cuda` feature (`cargo build --features cuda`); \
+         this build runs on the CPU only"
+            .into(),
+    ))
+}
+
 /// Decluttered model → tract's optimized, runnable plan.
-pub(crate) fn optimize(typed: TypedModel, threads: usize) -> Result<Arc<TypedSimplePlan>> {
+pub(crate) fn optimize(typed: TypedModel, compile: &Compile) -> Result<Arc<TypedSimplePlan>> {
+    let threads = compile.threads;
+    let run_options = tract_onnx::tract_core::runtime::RunOptions {
+        executor: (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads)),
+        ..Default::default()
+    };
+    if compile.device == Device::Cuda {
+        return cuda_plan(typed, &run_options);
+    }
     let started = Instant::now();
     let mut optimized = typed;
     // `into_optimized` would declutter again; every caller hands over a decluttered model.
@@ -329,12 +377,34 @@ pub(crate) fn optimize(typed: TypedModel, threads: usize) -> Result<Arc<TypedSim
         .optimize()
         .map_err(|e| Error::Prepare(chain(&e)))?;
     log::debug!("tract optimize {:.1?}", started.elapsed());
-    let run_options = tract_onnx::tract_core::runtime::RunOptions {
-        executor: (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads)),
-        ..Default::default()
-    };
     TypedSimplePlan::new_with_options(optimized, &run_options)
         .map_err(|e| Error::Prepare(chain(&e)))
+}
+
+/// tract's CUDA runtime: moves what it can to the GPU, optimizes, uploads the constants.
+#[cfg(feature = "cuda")]
+fn cuda_plan(
+    typed: TypedModel,
+    run_options: &tract_onnx::tract_core::runtime::RunOptions,
+) -> Result<Arc<TypedSimplePlan>> {
+    let runtime = tract_onnx::tract_core::runtime::runtime_for_name("cuda")
+        .map_err(|e| Error::Prepare(chain(&e)))?
+        .ok_or_else(|| Error::Internal("tract's CUDA runtime is not registered".into()))?;
+    let runnable = runtime
+        .prepare_with_options(typed, run_options)
+        .map_err(|e| Error::Prepare(format!("on the GPU: {}", chain(&e))))?;
+    runnable
+        .typed_plan()
+        .cloned()
+        .ok_or_else(|| Error::Internal("tract's CUDA runtime returned no plan".into()))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_plan(
+    _: TypedModel,
+    _: &tract_onnx::tract_core::runtime::RunOptions,
+) -> Result<Arc<TypedSimplePlan>> {
+    unreachable!("device() refuses CUDA in builds without the feature")
 }
 
 fn input_dts(typed: &TypedModel) -> Result<Vec<DatumType>> {
@@ -359,7 +429,7 @@ fn symbolic(proto: &pb::ModelProto, ignore_declared: bool, ctx: &Context) -> Res
         cache_limit: 0,
     };
     let inspection = inspect(Some(&typed), ctx.report, ctx.census, plan);
-    let plan = optimize(typed, ctx.compile.threads)?;
+    let plan = optimize(typed, &ctx.compile)?;
     Ok(Prepared {
         plans: Plans::Symbolic(plan),
         info,
@@ -452,7 +522,7 @@ fn concrete(proto: pb::ModelProto, ctx: &Context) -> Result<Prepared> {
             let typed = plans.typed(&shapes)?;
             let outputs = concrete_outputs(&typed, ctx)?;
             let inspection = inspect(Some(&typed), ctx.report, ctx.census, report);
-            let plan = optimize(typed, ctx.compile.threads)?;
+            let plan = optimize(typed, &ctx.compile)?;
             plans.insert(&shapes, plan);
             (outputs, inspection)
         }
@@ -950,5 +1020,7 @@ fn inspect(
         heavy,
         plan,
         rewrites: vec![],
+        device: Device::Cpu,
+        device_note: None,
     }
 }

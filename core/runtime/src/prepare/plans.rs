@@ -98,7 +98,7 @@ impl Concrete {
         // shapes. Two sessions racing for the same new shape both build; one result is kept.
         let started = std::time::Instant::now();
         let typed = self.typed(shapes)?;
-        let plan = optimize(typed, self.compile.threads)?;
+        let plan = optimize(typed, &self.compile)?;
         log::info!(
             "planned input shapes {shapes:?} in {:.0?}",
             started.elapsed()

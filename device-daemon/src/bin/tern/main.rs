@@ -148,6 +148,9 @@ struct PrepArgs {
     /// How shapes are planned: auto, symbolic, concrete (one plan per shape), fastest.
     #[arg(long, default_value = "auto")]
     plans: tern_core::PlanMode,
+    /// Where the model runs: cpu, or cuda (a build with `--features cuda`; CPU without a GPU).
+    #[arg(long, default_value = "cpu")]
+    device: tern_core::Device,
 }
 
 impl PrepArgs {
@@ -163,6 +166,7 @@ impl PrepArgs {
             int8_fusion: !self.no_int8_fusion,
             pinned: self.pins.clone(),
             plans: self.plans,
+            device: self.device,
             ..Default::default()
         }
     }
@@ -262,6 +266,8 @@ fn inspect(path: &Path, prep: &PrepArgs, json: bool) -> Result<()> {
                 "cache_limit": insp.plan.cache_limit,
             },
             "rewrites": insp.rewrites,
+            "device": insp.device.to_string(),
+            "device_note": insp.device_note,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -278,6 +284,14 @@ fn inspect(path: &Path, prep: &PrepArgs, json: bool) -> Result<()> {
     println!(
         "batch dimension: {}",
         info.batch.as_deref().unwrap_or("none (fixed shapes)")
+    );
+    println!(
+        "device: {}{}",
+        insp.device,
+        insp.device_note
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default()
     );
     println!("plans: {} ({})", insp.plan.kind, insp.plan.why);
     if !insp.plan.batch_sizes.is_empty() {
