@@ -203,6 +203,35 @@ fn a_bounded_cache_keeps_the_most_recent_shapes() {
 }
 
 #[test]
+fn a_shape_the_model_cannot_take_fails_clearly_and_the_model_keeps_serving() {
+    let options = ModelOptions {
+        plans: PlanMode::Concrete,
+        ..Default::default()
+    };
+    let model = Model::load(export("fpn-scales"), &options).unwrap();
+    let mut session = model.session().unwrap();
+    // 18 is not a multiple of 4: the up-sampled branch is 10 high, the skip 9.
+    let bad = Tensor::from_vec(vec![1, 3, 18, 16], vec![0f32; 3 * 18 * 16]).unwrap();
+    // tract plans it (every shape is concrete), and the Add refuses it when it runs.
+    for _ in 0..2 {
+        let err = session.run(&[bad.view()]).unwrap_err().to_string();
+        assert!(
+            err.contains("merge") && err.contains("broadcast 10 against 9"),
+            "{err}"
+        );
+    }
+    let input = data("fpn-scales.32x48.input.npy");
+    let expected = data("fpn-scales.32x48.output.npy");
+    let got = session
+        .run(&[input.view()])
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_tensor();
+    assert!(max_abs_diff(&got, &expected) <= TOLERANCE);
+}
+
+#[test]
 fn pinned_inputs_ignore_the_declared_symbolic_shapes() {
     // The model declares value_info and outputs with `N`; pinned to 1 they no longer unify.
     let options = ModelOptions {

@@ -33,7 +33,13 @@ pub(crate) struct Concrete {
 struct Cache {
     tick: u64,
     plans: Vec<(Vec<Vec<usize>>, Arc<TypedSimplePlan>, u64)>,
+    /// Shapes tract could not plan, with why: asking again answers at once instead of
+    /// spending a preparation on it (a client could otherwise keep the CPU busy).
+    failed: Vec<(Vec<Vec<usize>>, String)>,
 }
+
+/// Unplannable shapes remembered at most.
+const FAILED_KEPT: usize = 32;
 
 impl Cache {
     /// The cached plan for `shapes`, marked as the most recently used.
@@ -90,15 +96,43 @@ impl Concrete {
     }
 
     /// The plan for these exact input shapes, prepared now if no session asked for it before.
+    /// Shapes the model cannot take are the caller's error ([`Error::InvalidInput`]).
     pub(crate) fn plan(&self, shapes: &[Vec<usize>]) -> Result<Arc<TypedSimplePlan>> {
-        if let Some(plan) = self.lock().touch(shapes) {
-            return Ok(plan);
+        let unplannable = |why: &str| {
+            Error::InvalidInput(format!(
+                "the model cannot run input shapes {shapes:?}: {why}"
+            ))
+        };
+        {
+            let mut c = self.lock();
+            if let Some(plan) = c.touch(shapes) {
+                return Ok(plan);
+            }
+            if let Some((_, why)) = c.failed.iter().find(|(k, _)| k.as_slice() == shapes) {
+                return Err(unplannable(why));
+            }
         }
         // Built outside the lock: a slow preparation must not stall sessions running other
         // shapes. Two sessions racing for the same new shape both build; one result is kept.
         let started = std::time::Instant::now();
-        let typed = self.typed(shapes)?;
-        let plan = optimize(typed, &self.compile)?;
+        let built = self
+            .typed(shapes)
+            .and_then(|typed| optimize(typed, &self.compile));
+        let plan = match built {
+            Ok(plan) => plan,
+            Err(e) => {
+                let why = match e {
+                    Error::Prepare(m) => m,
+                    other => other.to_string(),
+                };
+                let mut c = self.lock();
+                if c.failed.len() >= FAILED_KEPT {
+                    c.failed.remove(0);
+                }
+                c.failed.push((shapes.to_vec(), why.clone()));
+                return Err(unplannable(&why));
+            }
+        };
         log::info!(
             "planned input shapes {shapes:?} in {:.0?}",
             started.elapsed()
