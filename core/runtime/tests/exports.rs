@@ -353,3 +353,15 @@ fn cuda_runs_on_the_gpu_or_falls_back_to_the_cpu_saying_why() {
     let got = run(&model, &x);
     assert!(max_abs_diff(&got, &reference) <= 1e-3);
 }
+
+#[test]
+fn a_model_declaring_absurd_sizes_is_refused_at_warm_up_not_allocated() {
+    // Declares x: [1, 3, 100000, 100000] f32, 120 GB.
+    let path = repo().join("models/testdata/bad/absurd-dims.onnx");
+    let model = Model::load(path, &ModelOptions::default()).unwrap();
+    let err = model.session().unwrap().warm_up().unwrap_err().to_string();
+    assert!(
+        err.contains("input `x`") && err.contains("1024 MiB"),
+        "{err}"
+    );
+}

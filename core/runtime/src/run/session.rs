@@ -216,8 +216,20 @@ impl Session {
                     },
                 }
             }
-            let bytes = vec![0u8; shape.iter().product::<usize>() * input.dtype.size()];
-            tensors.push(Tensor::from_bytes(input.dtype, shape, bytes)?);
+            let bytes = shape
+                .iter()
+                .try_fold(input.dtype.size(), |acc, &d| acc.checked_mul(d))
+                .filter(|&b| b <= MAX_SYNTHETIC_INPUT_BYTES)
+                .ok_or_else(|| {
+                    Error::Prepare(format!(
+                        "input `{}` would be {shape:?} {} at batch {batch}: more than the {} MiB \
+                         Tern allocates to try a model out",
+                        input.name,
+                        input.dtype,
+                        MAX_SYNTHETIC_INPUT_BYTES >> 20
+                    ))
+                })?;
+            tensors.push(Tensor::from_bytes(input.dtype, shape, vec![0u8; bytes])?);
         }
         Ok(Some(tensors))
     }
@@ -241,6 +253,10 @@ impl Session {
         Ok(())
     }
 }
+
+/// Largest input the warm-up and the load-time probe make up: a model declaring absurd sizes
+/// gets an error, not an allocation that takes the process down.
+const MAX_SYNTHETIC_INPUT_BYTES: usize = 1 << 30;
 
 /// Checks inputs against the declared ones and returns the batch size (1 without a batch
 /// dimension). Allocates only to write an error message.
