@@ -151,14 +151,11 @@ pub fn start(streams: &[Stream], state: Arc<AppState>) -> Result<(), StreamError
                 Some((publisher(&url, &s.name)?, topic.clone()))
             }
         };
-        let (s, state) = (s.clone(), state.clone());
+        let (stream, state) = (s.clone(), state.clone());
         std::thread::Builder::new()
             .name(format!("stream-{}", s.name))
-            .spawn(move || run(&s, &state, publisher))
-            .map_err(|e| StreamError::Config {
-                name: "?".into(),
-                message: e.to_string(),
-            })?;
+            .spawn(move || run(&stream, &state, publisher))
+            .map_err(|e| bad(format!("starting its thread: {e}")))?;
     }
     Ok(())
 }
