@@ -72,6 +72,13 @@ fn top1_agreement(a: &Tensor, b: &Tensor) -> f64 {
     same as f64 / (n * inner) as f64
 }
 
+fn plans(mode: PlanMode) -> ModelOptions {
+    ModelOptions {
+        plans: mode,
+        ..Default::default()
+    }
+}
+
 /// Max abs difference to onnxruntime: f32 models differ by summation order only.
 const TOLERANCE: f32 = 1e-4;
 
@@ -204,10 +211,7 @@ fn a_bounded_cache_keeps_the_most_recent_shapes() {
 
 #[test]
 fn a_shape_the_model_cannot_take_fails_clearly_and_the_model_keeps_serving() {
-    let options = ModelOptions {
-        plans: PlanMode::Concrete,
-        ..Default::default()
-    };
+    let options = plans(PlanMode::Concrete);
     let model = Model::load(export("fpn-scales"), &options).unwrap();
     let mut session = model.session().unwrap();
     // 18 is not a multiple of 4: the up-sampled branch is 10 high, the skip 9.
@@ -266,10 +270,7 @@ fn pinned_inputs_ignore_the_declared_symbolic_shapes() {
 
 #[test]
 fn symbolic_only_fails_naming_the_node_and_the_fix() {
-    let options = ModelOptions {
-        plans: PlanMode::Symbolic,
-        ..Default::default()
-    };
+    let options = plans(PlanMode::Symbolic);
     let err = Model::load(export("reshape-head"), &options).unwrap_err();
     assert!(matches!(err, Error::Prepare(_)), "{err}");
     let msg = err.to_string();
@@ -285,10 +286,7 @@ fn symbolic_only_fails_naming_the_node_and_the_fix() {
 
 #[test]
 fn fastest_measures_both_and_says_which_won() {
-    let options = ModelOptions {
-        plans: PlanMode::Fastest,
-        ..Default::default()
-    };
+    let options = plans(PlanMode::Fastest);
     let model = Model::load(repo().join("models/digits/1/model.onnx"), &options).unwrap();
     let why = &model.inspection().plan.why;
     assert!(why.contains("faster than"), "{why}");
