@@ -1,14 +1,17 @@
 //! Executor benchmarks, one thread:
 //! - Tern's session over raw tract on the same model and input (the layer's overhead);
-//! - FP32 vs INT8 (QDQ fused by Tern, QDQ as tract runs it alone, QOperator) at batch 1 and 8.
+//! - FP32 vs INT8 (QDQ fused by Tern, QDQ as tract runs it alone, QOperator) at batch 1 and 8;
+//! - `int8`: Tern's fused int8 convolution kernels against tract's own quantized lowering and
+//!   against FP32, per layer (`models/testdata/ops`) and on a MobileNetV3-style network
+//!   (`models/testdata/mobilenet`), at batch 1 and 8.
 //!
-//! Run: `cargo bench -p tern-core --bench executor`
+//! Run: `cargo bench -p tern-core --bench executor` (or `... -- int8` for the last group).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use tern_core::{Model, ModelOptions, TensorView};
+use tern_core::{DType, Dim, Model, ModelOptions, PlanMode, Tensor, TensorView};
 
 fn model_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -84,9 +87,95 @@ fn precision(c: &mut Criterion) {
     g.finish();
 }
 
+fn testdata(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/testdata")
+        .join(path)
+}
+
+/// A deterministic input of the model's own type and shape, `batch` rows.
+fn input_for(model: &Model, batch: usize) -> Tensor {
+    let info = &model.info().inputs[0];
+    let mut shape = vec![batch];
+    shape.extend(info.shape[1..].iter().map(|d| match d {
+        Dim::Fixed(n) => *n,
+        other => panic!("unexpected dimension {other:?}"),
+    }));
+    let len: usize = shape.iter().product();
+    match info.dtype {
+        DType::F32 => Tensor::from_vec(
+            shape,
+            (0..len)
+                .map(|i| ((i * 7919) % 61) as f32 / 20.0 - 1.5)
+                .collect(),
+        ),
+        DType::U8 => Tensor::from_vec(shape, (0..len).map(|i| (i * 7919 % 251) as u8).collect()),
+        other => panic!("unexpected input type {other:?}"),
+    }
+    .unwrap()
+}
+
+fn int8(c: &mut Criterion) {
+    let mut g = c.benchmark_group("int8");
+    // Concrete plans for every variant: with a symbolic batch, tract 0.23 picks much slower
+    // float convolution paths, which would flatter int8.
+    let tern = ModelOptions {
+        plans: PlanMode::Concrete,
+        ..Default::default()
+    };
+    let tract = ModelOptions {
+        int8_kernels: false,
+        ..tern.clone()
+    };
+    let mut cases = vec![];
+    for op in ["stem", "pointwise", "depthwise5", "depthwise3-s2"] {
+        cases.push((
+            format!("op-{op}/fp32"),
+            format!("ops/{op}.fp32.onnx"),
+            &tern,
+        ));
+        cases.push((
+            format!("op-{op}/int8-tern"),
+            format!("ops/{op}.int8.onnx"),
+            &tern,
+        ));
+        cases.push((
+            format!("op-{op}/int8-tract"),
+            format!("ops/{op}.int8.onnx"),
+            &tract,
+        ));
+    }
+    for (label, file, options) in [
+        ("fp32", "fp32", &tern),
+        ("int8-qdq-tern", "int8-qdq", &tern),
+        ("int8-qdq-tract", "int8-qdq", &tract),
+        ("int8-qop-tern", "int8-qop", &tern),
+        ("int8-qop-tract", "int8-qop", &tract),
+    ] {
+        cases.push((
+            format!("mobilenet/{label}"),
+            format!("mobilenet/{file}.onnx"),
+            options,
+        ));
+    }
+    for (label, file, options) in cases {
+        let model = Model::load(testdata(&file), options).unwrap();
+        let mut session = model.session().unwrap();
+        for batch in [1usize, 8] {
+            let x = input_for(&model, batch);
+            g.bench_function(BenchmarkId::new(&label, batch), |b| {
+                b.iter(|| {
+                    session.run(&[x.view()]).unwrap();
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(50);
-    targets = overhead, precision
+    targets = overhead, precision, int8
 }
 criterion_main!(benches);

@@ -2,7 +2,8 @@
 //!
 //! Load an ONNX model once ([`Model`]), share it between threads, and run it through per-worker
 //! [`Session`]s that reuse their buffers. QDQ-quantized convolutions and matrix products are
-//! rewritten onto int8 kernels at load time; [`Inspection`] says what runs in which precision.
+//! rewritten onto int8 operators at load time, and quantized convolutions run on Tern's fused
+//! int8 kernels; [`Inspection`] says what runs in which precision, on which kernel.
 //!
 //! ```no_run
 //! use tern_core::{Model, ModelOptions, TensorView};
@@ -17,6 +18,7 @@
 mod batch;
 mod error;
 mod inspect;
+mod int8;
 mod model;
 pub mod npy;
 mod prepare;

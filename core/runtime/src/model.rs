@@ -29,6 +29,10 @@ pub struct ModelOptions {
     pub max_batch: Option<usize>,
     /// Fuse QDQ-quantized Conv/Gemm/MatMul into int8 kernels (on by default).
     pub int8_fusion: bool,
+    /// Run quantized convolutions on Tern's fused int8 kernels (on by default). Off leaves them
+    /// to tract's own lowering (im2col, int8 matrix product, separate requantization ops),
+    /// which is slower; kept for comparisons.
+    pub int8_kernels: bool,
     /// Inputs fixed to concrete shapes. Declared output shapes and `value_info` are then
     /// ignored, since exporters write them with the symbols the pins replace.
     pub pinned: Vec<PinnedInput>,
@@ -174,6 +178,7 @@ impl Default for ModelOptions {
             batch_symbol: None,
             max_batch: None,
             int8_fusion: true,
+            int8_kernels: true,
             pinned: vec![],
             plans: PlanMode::Auto,
             batch_sizes: vec![],

@@ -477,8 +477,13 @@ fn raw_tract_allocations(path: &std::path::Path, shape: &[usize], runs: u64) -> 
     allocations() - before
 }
 
-fn tern_allocations(path: &std::path::Path, shape: &[usize], runs: u64) -> u64 {
-    let model = Model::load(path, &ModelOptions::default()).unwrap();
+fn tern_allocations(
+    path: &std::path::Path,
+    shape: &[usize],
+    runs: u64,
+    options: &ModelOptions,
+) -> u64 {
+    let model = Model::load(path, options).unwrap();
     let mut session = model.session().unwrap();
     let x = vec![0f32; shape.iter().product()];
     let view = TensorView::new(shape, &x);
@@ -498,17 +503,29 @@ fn tern_adds_no_allocation_to_tracts_own_per_run() {
     for variant in ["digits", "digits-int8-qop", "resblock"] {
         for shape in [[1usize, 1, 8, 8], [8, 1, 8, 8]] {
             let raw = raw_tract_allocations(&model_path(variant), &shape, 50);
-            let tern = tern_allocations(&model_path(variant), &shape, 50);
+            // The same graph as raw tract's: Tern's session layer must add nothing.
+            let same_graph = ModelOptions {
+                int8_kernels: false,
+                ..ModelOptions::default()
+            };
+            let tern = tern_allocations(&model_path(variant), &shape, 50, &same_graph);
+            // With its int8 kernels, one op replaces tract's chain of intermediate tensors.
+            let fused = tern_allocations(&model_path(variant), &shape, 50, &Default::default());
             println!(
-                "{variant} batch {}: raw tract {} allocations/run, tern {}",
+                "{variant} batch {}: raw tract {} allocations/run, tern {}, with int8 kernels {}",
                 shape[0],
                 raw / 50,
-                tern / 50
+                tern / 50,
+                fused / 50
             );
             assert_eq!(
                 tern, raw,
                 "{variant} batch {}: tern {tern} vs raw tract {raw} allocations in 50 runs",
                 shape[0]
+            );
+            assert!(
+                fused <= raw,
+                "{variant}: int8 kernels allocate more ({fused} > {raw})"
             );
         }
     }

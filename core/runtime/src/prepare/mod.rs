@@ -76,6 +76,7 @@ pub(crate) struct Compile {
     precision: Precision,
     threads: usize,
     device: Device,
+    int8_kernels: bool,
 }
 
 pub(crate) fn prepare(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
@@ -125,6 +126,7 @@ fn prepare_inner(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
         precision: options.precision,
         threads: options.threads,
         device,
+        int8_kernels: options.int8_kernels,
     };
     // Declared value_info and output shapes carry a fixed batch of 1 when the batch was forced;
     // they would then fail to unify with the symbol, and tract re-derives them anyway.
@@ -306,7 +308,15 @@ pub(crate) fn compile(
         .model_for_proto_model(proto)
         .map_err(|e| Error::Prepare(chain(&e)))?;
     let imported = started.elapsed();
-    let typed = model.into_typed().map_err(|e| Error::Prepare(chain(&e)))?;
+    let mut typed = model.into_typed().map_err(|e| Error::Prepare(chain(&e)))?;
+    if compile.int8_kernels {
+        // Weights and quantization parameters reach the convolutions through casts; folded,
+        // they are constants the fused kernels can prepare once.
+        typed
+            .prop_consts()
+            .and_then(|_| crate::int8::fuse(&mut typed))
+            .map_err(|e| Error::Prepare(format!("fusing int8 convolutions: {}", chain(&e))))?;
+    }
     let analysed = started.elapsed();
     let mut typed = typed
         .into_decluttered()
@@ -316,6 +326,27 @@ pub(crate) fn compile(
         analysed - imported,
         started.elapsed() - analysed
     );
+    if compile.int8_kernels {
+        let tables = crate::int8::fuse_islands(&mut typed)
+            .map_err(|e| Error::Prepare(format!("fusing int8 activations: {}", chain(&e))))?;
+        log::debug!("{tables} float islands between 8-bit tensors became lookup tables");
+    }
+    if log::log_enabled!(log::Level::Trace) {
+        for node in typed.nodes() {
+            let facts: Vec<String> = node
+                .outputs
+                .iter()
+                .map(|o| format!("{:?}", o.fact))
+                .collect();
+            log::trace!(
+                "{} {} {:?} -> {}",
+                node.id,
+                node.op.name(),
+                node.inputs,
+                facts.join(", ")
+            );
+        }
+    }
     if compile.precision == Precision::F16 {
         FloatPrecisionTranslator::new(DatumType::F32, DatumType::F16)
             .transform(&mut typed)
@@ -975,7 +1006,7 @@ fn inspect(
         let Some(m) = m else { break };
         let op = node.op.name();
         let kind = match &*op {
-            "Conv" => "Conv",
+            "Conv" | "TernQConv" => "Conv",
             "EinSum" | "MatMul" | "MatMatMul" | "OptMatMul" => "MatMul",
             _ => continue,
         };
@@ -991,14 +1022,22 @@ fn inspect(
             DatumType::F32 => ExecPrecision::F32,
             _ => ExecPrecision::Other,
         };
-        let note = report
-            .nodes
-            .iter()
-            .find(|(n, _, _)| n == &node.name)
-            .map(|(_, _, o)| match o {
-                qdq::Outcome::Fused(into) => format!("QDQ fused into {into}"),
-                qdq::Outcome::KeptFloat(why) => format!("kept in float: {why}"),
-            });
+        let fusion =
+            report
+                .nodes
+                .iter()
+                .find(|(n, _, _)| n == &node.name)
+                .map(|(_, _, o)| match o {
+                    qdq::Outcome::Fused(into) => format!("QDQ fused into {into}"),
+                    qdq::Outcome::KeptFloat(why) => format!("kept in float: {why}"),
+                });
+        let kernel = node
+            .op_as::<crate::int8::QConv>()
+            .map(|q| q.kernel().describe().to_string());
+        let note = match (fusion, kernel) {
+            (Some(f), Some(k)) => Some(format!("{f}, on the {k}")),
+            (f, k) => f.or(k.map(|k| format!("on the {k}"))),
+        };
         heavy.push(HeavyOp {
             name: node.name.clone(),
             op: kind.to_string(),

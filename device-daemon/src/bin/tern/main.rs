@@ -142,6 +142,10 @@ struct PrepArgs {
     /// Keep QDQ models in float (disable Tern's int8 fusion), for comparison.
     #[arg(long)]
     no_int8_fusion: bool,
+    /// Run quantized convolutions on tract's own lowering instead of Tern's fused int8
+    /// kernels, for comparison.
+    #[arg(long)]
+    no_int8_kernels: bool,
     /// Fix an input's shape, e.g. `image=N,3,224,224` (a name keeps that axis symbolic).
     #[arg(long = "pin", value_name = "NAME=D,D,…")]
     pins: Vec<tern_core::PinnedInput>,
@@ -164,6 +168,7 @@ impl PrepArgs {
             },
             batch_symbol: self.batch_symbol.clone(),
             int8_fusion: !self.no_int8_fusion,
+            int8_kernels: !self.no_int8_kernels,
             pinned: self.pins.clone(),
             plans: self.plans,
             device: self.device,

@@ -1,0 +1,820 @@
+//! Integer convolution kernels with the requantization fused into their last step.
+//!
+//! Activations arrive as raw 8-bit values. Signed ones are flipped to unsigned (`b ^ 0x80`,
+//! zero point + 128) so that every kernel sees one representation, and the zero point is
+//! subtracted while the data is laid out for the kernel: `x - x0` and `w - w0` both fit in an
+//! i16, so no zero-point correction terms (row or column sums) are ever needed, and padding is
+//! simply 0.
+//!
+//! - [`gemm`]: `C = A·B` over i16 pairs with i32 accumulation (`vpmaddwd` on x86_64 with AVX2,
+//!   a portable loop elsewhere), used by pointwise, dense and grouped convolutions.
+//! - [`depthwise`]: a direct kernel (no im2col). Products of two 9-bit values are exact in f32
+//!   and so are sums of up to 258 of them, so the taps run as f32 multiply-adds, which vectorise
+//!   far better than i32 multiplies, and give the same integers.
+//!
+//! Every output is `clamp(round_half_even((acc + bias) · scale) + y0, lo, hi)`, the rule of
+//! onnxruntime's `QLinearConv` (float multiplier, ties to even).
+
+/// Rows of a packed weight panel.
+pub(crate) const MR: usize = 4;
+/// Columns of a packed activation panel.
+pub(crate) const NR: usize = 16;
+/// Depthwise taps whose sums stay exact in f32 (`taps · 255² < 2²⁴`).
+pub(crate) const MAX_EXACT_TAPS: usize = 258;
+/// Depthwise outputs of a row computed together (two AVX2 vectors).
+const DW_BLOCK: usize = 16;
+/// Depthwise output rows computed together: 8 independent accumulator chains hide the
+/// multiply-add latency.
+const DW_ROWS: usize = 4;
+/// Reduction length whose sums stay inside an i32 (`k · 255² < 2³¹`).
+pub(crate) const MAX_GEMM_K: usize = 33_000;
+
+/// Requantization of one output channel after the reduction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Requant {
+    pub(crate) y0: i32,
+    /// Output range, e.g. `[0, 255]`, narrower when an activation was folded in.
+    pub(crate) lo: i32,
+    pub(crate) hi: i32,
+}
+
+impl Requant {
+    /// The stored byte for an accumulator (bias included) and this channel's multiplier.
+    #[inline(always)]
+    pub(crate) fn apply(&self, acc: i32, scale: f32) -> u8 {
+        let v = (acc as f32 * scale).round_ties_even();
+        let v = v.clamp((self.lo - self.y0) as f32, (self.hi - self.y0) as f32);
+        // Both u8 and i8 outputs are stored as their bit pattern.
+        (v as i32 + self.y0) as u8
+    }
+}
+
+/// Weights packed for [`gemm`]: panels of [`MR`] rows, each k-pair of a row as one i32 holding
+/// two i16 (`w[2p]` low, `w[2p+1]` high), zero-padded to whole panels and pairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PackedA {
+    pub(crate) m: usize,
+    pub(crate) k: usize,
+    data: Vec<i32>,
+}
+
+impl PackedA {
+    /// `w` is `m × k`, row-major, already minus its zero point.
+    pub(crate) fn pack(w: &[i16], m: usize, k: usize) -> PackedA {
+        debug_assert_eq!(w.len(), m * k);
+        let kp = k.div_ceil(2);
+        let panels = m.div_ceil(MR);
+        let mut data = vec![0i32; panels * kp * MR];
+        for row in 0..m {
+            let (panel, r) = (row / MR, row % MR);
+            for p in 0..kp {
+                let lo = w[row * k + 2 * p];
+                let hi = if 2 * p + 1 < k {
+                    w[row * k + 2 * p + 1]
+                } else {
+                    0
+                };
+                data[(panel * kp + p) * MR + r] = pair(lo, hi);
+            }
+        }
+        PackedA { m, k, data }
+    }
+
+    fn kp(&self) -> usize {
+        self.k.div_ceil(2)
+    }
+
+    fn panel(&self, ix: usize) -> &[i32] {
+        let len = self.kp() * MR;
+        &self.data[ix * len..][..len]
+    }
+}
+
+#[inline(always)]
+fn pair(lo: i16, hi: i16) -> i32 {
+    (lo as u16 as u32 | ((hi as u16 as u32) << 16)) as i32
+}
+
+/// Lays `k × n` (row-major, `rows`) out as panels of [`NR`] columns, each k-pair of a column as
+/// two adjacent i16, converting each value with `value` (zero point subtracted).
+pub(crate) fn pack_b<T: Copy>(
+    rows: &[T],
+    k: usize,
+    n: usize,
+    value: impl Fn(T) -> i16,
+    out: &mut Vec<i16>,
+) {
+    debug_assert_eq!(rows.len(), k * n);
+    let kp = k.div_ceil(2);
+    let panels = n.div_ceil(NR);
+    out.clear();
+    out.resize(panels * kp * NR * 2, 0);
+    for p in 0..kp {
+        let r0 = &rows[2 * p * n..][..n];
+        let r1 = (2 * p + 1 < k).then(|| &rows[(2 * p + 1) * n..][..n]);
+        for panel in 0..panels {
+            let first = panel * NR;
+            let cols = NR.min(n - first);
+            let dst = &mut out[(panel * kp + p) * NR * 2..][..cols * 2];
+            match r1 {
+                Some(r1) => {
+                    for ((d, &a), &b) in dst
+                        .chunks_exact_mut(2)
+                        .zip(&r0[first..first + cols])
+                        .zip(&r1[first..first + cols])
+                    {
+                        d[0] = value(a);
+                        d[1] = value(b);
+                    }
+                }
+                None => {
+                    for (d, &a) in dst.chunks_exact_mut(2).zip(&r0[first..first + cols]) {
+                        d[0] = value(a);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What [`gemm`] does with each row's sums: add the bias, scale, requantize.
+pub(crate) struct Epilogue<'a> {
+    pub(crate) bias: &'a [i32],
+    pub(crate) scale: &'a [f32],
+    pub(crate) q: &'a Requant,
+}
+
+/// `out[m × n] = requant(A·B + bias)`, `b` from [`pack_b`].
+pub(crate) fn gemm(a: &PackedA, b: &[i16], n: usize, e: &Epilogue, out: &mut [u8]) {
+    debug_assert_eq!(out.len(), a.m * n);
+    debug_assert_eq!(b.len(), n.div_ceil(NR) * a.kp() * NR * 2);
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2() {
+        // SAFETY: AVX2 was detected on this CPU.
+        unsafe { avx2::gemm(a, b, n, e, out) };
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if simd::neon() {
+        // SAFETY: NEON is part of every aarch64 target Rust supports; checked anyway.
+        unsafe { neon::gemm(a, b, n, e, out) };
+        return;
+    }
+    portable::gemm(a, b, n, e, out)
+}
+
+/// Stores the valid part of one `MR × NR` tile.
+#[inline(always)]
+fn store_tile(tile: &[[u8; NR]; MR], row0: usize, col0: usize, m: usize, n: usize, out: &mut [u8]) {
+    let cols = NR.min(n - col0);
+    for (r, bytes) in tile.iter().enumerate().take(m.saturating_sub(row0).min(MR)) {
+        out[(row0 + r) * n + col0..][..cols].copy_from_slice(&bytes[..cols]);
+    }
+}
+
+pub(crate) mod portable {
+    use super::*;
+
+    /// The reference every SIMD path is tested against.
+    pub(crate) fn gemm(a: &PackedA, b: &[i16], n: usize, e: &Epilogue, out: &mut [u8]) {
+        let (bias, scale, q) = (e.bias, e.scale, e.q);
+        let kp = a.kp();
+        for panel_m in 0..a.m.div_ceil(MR) {
+            let pa = a.panel(panel_m);
+            for panel_n in 0..n.div_ceil(NR) {
+                let pb = &b[panel_n * kp * NR * 2..][..kp * NR * 2];
+                let mut acc = [[0i32; NR]; MR];
+                for p in 0..kp {
+                    let bp = &pb[p * NR * 2..][..NR * 2];
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let w = pa[p * MR + r];
+                        let (w0, w1) = (w as i16 as i32, (w >> 16) as i16 as i32);
+                        for (j, c) in row.iter_mut().enumerate() {
+                            *c += w0 * bp[2 * j] as i32 + w1 * bp[2 * j + 1] as i32;
+                        }
+                    }
+                }
+                let mut tile = [[0u8; NR]; MR];
+                for r in 0..MR {
+                    let row = panel_m * MR + r;
+                    if row >= a.m {
+                        break;
+                    }
+                    for j in 0..NR {
+                        tile[r][j] = q.apply(acc[r][j].wrapping_add(bias[row]), scale[row]);
+                    }
+                }
+                store_tile(&tile, panel_m * MR, panel_n * NR, a.m, n, out);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod simd {
+    use std::sync::OnceLock;
+
+    /// Detected once; `TERN_NO_SIMD=1` forces the portable kernels (for comparisons).
+    pub(crate) fn avx2() -> bool {
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        *AVX2.get_or_init(|| {
+            std::env::var_os("TERN_NO_SIMD").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+        })
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod simd {
+    use std::sync::OnceLock;
+
+    /// `TERN_NO_SIMD=1` forces the portable kernels (for comparisons).
+    pub(crate) fn neon() -> bool {
+        static NEON: OnceLock<bool> = OnceLock::new();
+        *NEON.get_or_init(|| {
+            std::env::var_os("TERN_NO_SIMD").is_none()
+                && std::arch::is_aarch64_feature_detected!("neon")
+        })
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::*;
+    use std::arch::aarch64::*;
+
+    /// `smlal` over de-interleaved pairs: `vld2q` splits a k-pair row of the packed panel into
+    /// the even-k and odd-k columns, each multiplied by its weight and accumulated in i32.
+    ///
+    /// # Safety
+    /// The CPU must support NEON.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn gemm(a: &PackedA, b: &[i16], n: usize, e: &Epilogue, out: &mut [u8]) {
+        let (bias, scale, q) = (e.bias, e.scale, e.q);
+        let kp = a.kp();
+        let y0 = vdupq_n_s32(q.y0);
+        let lo = vdupq_n_s32(q.lo);
+        let hi = vdupq_n_s32(q.hi);
+        for panel_m in 0..a.m.div_ceil(MR) {
+            let pa = a.panel(panel_m).as_ptr();
+            let rows = MR.min(a.m - panel_m * MR);
+            for panel_n in 0..n.div_ceil(NR) {
+                let pb = b[panel_n * kp * NR * 2..][..kp * NR * 2].as_ptr();
+                // c[r][q]: row r, columns 4q..4q+4.
+                let mut c = [[vdupq_n_s32(0); 4]; MR];
+                for p in 0..kp {
+                    // SAFETY: `p < kp`; a panel row holds NR pairs (32 i16) and MR weights.
+                    let (lo8, hi8, ap) = unsafe {
+                        let bp = pb.add(p * NR * 2);
+                        (vld2q_s16(bp), vld2q_s16(bp.add(16)), pa.add(p * MR))
+                    };
+                    for (r, row) in c.iter_mut().enumerate() {
+                        // SAFETY: `r < MR`, inside the panel.
+                        let w = unsafe { *ap.add(r) };
+                        let (w0, w1) = (w as i16, (w >> 16) as i16);
+                        row[0] = vmlal_n_s16(row[0], vget_low_s16(lo8.0), w0);
+                        row[0] = vmlal_n_s16(row[0], vget_low_s16(lo8.1), w1);
+                        row[1] = vmlal_high_n_s16(row[1], lo8.0, w0);
+                        row[1] = vmlal_high_n_s16(row[1], lo8.1, w1);
+                        row[2] = vmlal_n_s16(row[2], vget_low_s16(hi8.0), w0);
+                        row[2] = vmlal_n_s16(row[2], vget_low_s16(hi8.1), w1);
+                        row[3] = vmlal_high_n_s16(row[3], hi8.0, w0);
+                        row[3] = vmlal_high_n_s16(row[3], hi8.1, w1);
+                    }
+                }
+                let mut tile = [[0u8; NR]; MR];
+                for r in 0..rows {
+                    let row = panel_m * MR + r;
+                    let bias_v = vdupq_n_s32(bias[row]);
+                    let scale_v = vdupq_n_f32(scale[row]);
+                    let mut v = [vdupq_n_s32(0); 4];
+                    for (h, acc) in c[r].iter().enumerate() {
+                        let f = vmulq_f32(vcvtq_f32_s32(vaddq_s32(*acc, bias_v)), scale_v);
+                        // Ties to even, saturating; the saturating add keeps huge values huge.
+                        let i = vqaddq_s32(vcvtnq_s32_f32(f), y0);
+                        v[h] = vminq_s32(vmaxq_s32(i, lo), hi);
+                    }
+                    // Narrowing keeps the low byte: the stored pattern for u8 and i8 alike.
+                    let w0 = vcombine_s16(vmovn_s32(v[0]), vmovn_s32(v[1]));
+                    let w1 = vcombine_s16(vmovn_s32(v[2]), vmovn_s32(v[3]));
+                    let bytes = vcombine_s8(vmovn_s16(w0), vmovn_s16(w1));
+                    // SAFETY: the tile row is 16 bytes.
+                    unsafe { vst1q_s8(tile[r].as_mut_ptr() as *mut i8, bytes) };
+                }
+                store_tile(&tile, panel_m * MR, panel_n * NR, a.m, n, out);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemm(a: &PackedA, b: &[i16], n: usize, e: &Epilogue, out: &mut [u8]) {
+        let (bias, scale, q) = (e.bias, e.scale, e.q);
+        let kp = a.kp();
+        let k = bounds(q);
+        for panel_m in 0..a.m.div_ceil(MR) {
+            let pa = a.panel(panel_m).as_ptr();
+            let rows = MR.min(a.m - panel_m * MR);
+            for panel_n in 0..n.div_ceil(NR) {
+                let pb = b[panel_n * kp * NR * 2..][..kp * NR * 2].as_ptr();
+                let mut c = [_mm256_setzero_si256(); 2 * MR];
+                for p in 0..kp {
+                    // SAFETY: `p < kp`, and panels hold `kp` pairs of NR (B) / MR (A) entries.
+                    let (b0, b1, ap) = unsafe {
+                        let bp = pb.add(p * NR * 2) as *const __m256i;
+                        (
+                            _mm256_loadu_si256(bp),
+                            _mm256_loadu_si256(bp.add(1)),
+                            pa.add(p * MR),
+                        )
+                    };
+                    // Unrolled by the compiler: MR is a constant and `c` stays in registers.
+                    for r in 0..MR {
+                        // SAFETY: `r < MR`, inside the panel.
+                        let w = _mm256_set1_epi32(unsafe { *ap.add(r) });
+                        c[2 * r] = _mm256_add_epi32(c[2 * r], _mm256_madd_epi16(w, b0));
+                        c[2 * r + 1] = _mm256_add_epi32(c[2 * r + 1], _mm256_madd_epi16(w, b1));
+                    }
+                }
+                let mut tile = [[0u8; NR]; MR];
+                for r in 0..rows {
+                    let row = panel_m * MR + r;
+                    let bytes = requant16(c[2 * r], c[2 * r + 1], bias[row], scale[row], &k);
+                    // SAFETY: the tile row is 16 bytes.
+                    unsafe { _mm_storeu_si128(tile[r].as_mut_ptr() as *mut __m128i, bytes) };
+                }
+                store_tile(&tile, panel_m * MR, panel_n * NR, a.m, n, out);
+            }
+        }
+    }
+
+    /// The output range, in registers.
+    struct Bounds {
+        lo: __m256,
+        hi: __m256,
+        y0: __m256i,
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn bounds(q: &Requant) -> Bounds {
+        Bounds {
+            lo: _mm256_set1_ps((q.lo - q.y0) as f32),
+            hi: _mm256_set1_ps((q.hi - q.y0) as f32),
+            y0: _mm256_set1_epi32(q.y0),
+        }
+    }
+
+    /// [`Requant::apply`] on 16 accumulators of one channel: the 16 stored bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn requant16(a0: __m256i, a1: __m256i, bias: i32, scale: f32, k: &Bounds) -> __m128i {
+        let bias = _mm256_set1_epi32(bias);
+        let scale = _mm256_set1_ps(scale);
+        let byte = _mm256_set1_epi32(0xff);
+        let mut v = [a0, a1];
+        for x in v.iter_mut() {
+            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(*x, bias)), scale);
+            let f = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(f);
+            let f = _mm256_min_ps(_mm256_max_ps(f, k.lo), k.hi);
+            // The low byte is the stored pattern for u8 and i8 alike.
+            *x = _mm256_and_si256(_mm256_add_epi32(_mm256_cvtps_epi32(f), k.y0), byte);
+        }
+        let words = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(v[0], v[1]));
+        _mm_packus_epi16(
+            _mm256_castsi256_si128(words),
+            _mm256_extracti128_si256::<1>(words),
+        )
+    }
+
+    /// [`depthwise_portable`] with the block of 16 outputs held in two registers across taps.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn depthwise(
+        g: &DwGeometry,
+        x: &DwInput,
+        c: &DwChannel,
+        q: &Requant,
+        scratch: &mut DwScratch,
+        out: &mut [u8],
+    ) {
+        let layout = fill_phases(g, x, scratch);
+        let k = bounds(q);
+        let (phases, taps) = (&scratch.phases[..], &scratch.taps[..]);
+        let row_step = g.stride.0 * layout.width;
+        // Every load is at row0 + r·row_step + tap + ox + [0, DW_BLOCK): inside the buffer by
+        // construction of `fill_phases`; checked once here, not per load.
+        let max_tap = taps.iter().max().copied().unwrap_or(0);
+        let rows_done = g.oh.div_ceil(DW_ROWS) * DW_ROWS;
+        let last = (rows_done - 1) * row_step + max_tap + layout.blocks * DW_BLOCK;
+        assert!(g.oh == 0 || last <= phases.len(), "depthwise layout");
+        let base = phases.as_ptr();
+        for oy0 in (0..g.oh).step_by(DW_ROWS) {
+            let row0 = oy0 * row_step;
+            for block in 0..layout.blocks {
+                let ox = block * DW_BLOCK;
+                let mut acc = [_mm256_setzero_ps(); 2 * DW_ROWS];
+                for (&tap, &w) in taps.iter().zip(c.weights) {
+                    let w = _mm256_set1_ps(w);
+                    for r in 0..DW_ROWS {
+                        // SAFETY: below `last`, checked above.
+                        let (v0, v1) = unsafe {
+                            let p = base.add(row0 + r * row_step + tap + ox);
+                            (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+                        };
+                        // Integer-valued and below 2^24: FMA is exact here.
+                        acc[2 * r] = _mm256_fmadd_ps(v0, w, acc[2 * r]);
+                        acc[2 * r + 1] = _mm256_fmadd_ps(v1, w, acc[2 * r + 1]);
+                    }
+                }
+                let n = DW_BLOCK.min(g.ow - ox);
+                for r in 0..DW_ROWS.min(g.oh - oy0) {
+                    let (a0, a1) = (acc[2 * r], acc[2 * r + 1]);
+                    let bytes = requant16(
+                        _mm256_cvtps_epi32(a0),
+                        _mm256_cvtps_epi32(a1),
+                        c.bias,
+                        c.scale,
+                        &k,
+                    );
+                    let mut tmp = [0u8; DW_BLOCK];
+                    // SAFETY: `tmp` is 16 bytes.
+                    unsafe { _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, bytes) };
+                    out[(oy0 + r) * g.ow + ox..][..n].copy_from_slice(&tmp[..n]);
+                }
+            }
+        }
+    }
+}
+
+/// One depthwise convolution over a single channel plane.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DwGeometry {
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) stride: (usize, usize),
+    /// (top, left, bottom, right).
+    pub(crate) pad: (usize, usize, usize, usize),
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
+}
+
+/// Scratch reused between planes and calls.
+#[derive(Default)]
+pub(crate) struct DwScratch {
+    /// Padded plane split by column phase (`stride.1` phases), so every tap reads contiguously.
+    phases: Vec<f32>,
+    taps: Vec<usize>,
+    /// One input row in f32, before it is split by phase.
+    row: Vec<f32>,
+}
+
+/// One input plane of a depthwise convolution.
+pub(crate) struct DwInput<'a> {
+    pub(crate) plane: &'a [u8],
+    /// XOR that makes the bytes unsigned.
+    pub(crate) flip: u8,
+    /// Zero point, unsigned representation.
+    pub(crate) x0: i32,
+}
+
+/// One channel's parameters: `kh × kw` weights minus their zero point, bias, multiplier.
+pub(crate) struct DwChannel<'a> {
+    pub(crate) weights: &'a [f32],
+    pub(crate) bias: i32,
+    pub(crate) scale: f32,
+}
+
+/// Depthwise convolution of one plane.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn depthwise(
+    g: &DwGeometry,
+    x: &DwInput,
+    c: &DwChannel,
+    q: &Requant,
+    scratch: &mut DwScratch,
+    out: &mut [u8],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2() {
+        // SAFETY: AVX2 and FMA were detected on this CPU.
+        unsafe { avx2::depthwise(g, x, c, q, scratch, out) };
+        return;
+    }
+    depthwise_portable(g, x, c, q, scratch, out)
+}
+
+/// How a plane was laid out by [`fill_phases`].
+struct Phases {
+    /// Values per phase row.
+    width: usize,
+    /// Output blocks of [`DW_BLOCK`] per row.
+    blocks: usize,
+}
+
+/// Pads the plane (zero point subtracted, padding 0) and splits its columns by phase
+/// (`x % stride`), so that every tap reads a contiguous run; records each tap's offset.
+#[inline(always)]
+fn fill_phases(g: &DwGeometry, x: &DwInput, scratch: &mut DwScratch) -> Phases {
+    let (plane, flip, x0) = (x.plane, x.flip, x.x0);
+    let (_, sx) = g.stride;
+    let (pt, pl, pb, pr) = g.pad;
+    let ph = g.h + pt + pb;
+    let pw = g.w + pl + pr;
+    // The last tap of the last block of DW_BLOCK outputs stays inside a phase row, so that
+    // blocks need no tail loop (the extra outputs are never stored).
+    let blocks = g.ow.div_ceil(DW_BLOCK);
+    let width = pw.div_ceil(sx).max(blocks * DW_BLOCK + (g.kw - 1) / sx);
+    // Likewise DW_ROWS output rows are computed together: rows past the last are padding.
+    let ph_alloc = ph + (DW_ROWS - 1) * g.stride.0;
+    scratch.phases.clear();
+    scratch.phases.resize(sx * ph_alloc * width, 0.0);
+    let x0 = x0 as f32;
+    for y in 0..g.h {
+        let src = &plane[y * g.w..][..g.w];
+        let py = y + pt;
+        if sx == 1 {
+            let dst = &mut scratch.phases[py * width + pl..][..g.w];
+            for (d, &b) in dst.iter_mut().zip(src) {
+                *d = (b ^ flip) as f32 - x0;
+            }
+            continue;
+        }
+        // Converted in one vectorised pass, then dealt out: column x lands in phase
+        // (x + pl) % sx; walking each phase avoids a division per value.
+        scratch.row.clear();
+        scratch
+            .row
+            .extend(src.iter().map(|&b| (b ^ flip) as f32 - x0));
+        for phase in 0..sx {
+            let first = (phase + sx - pl % sx) % sx;
+            let col0 = (first + pl) / sx;
+            let dst = &mut scratch.phases[(phase * ph_alloc + py) * width + col0..];
+            for (d, &v) in dst
+                .iter_mut()
+                .zip(scratch.row.iter().skip(first).step_by(sx))
+            {
+                *d = v;
+            }
+        }
+    }
+    scratch.taps.clear();
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            scratch
+                .taps
+                .push(((kx % sx) * ph_alloc + ky) * width + kx / sx);
+        }
+    }
+    Phases { width, blocks }
+}
+
+/// The reference the SIMD path is tested against, and the kernel on other targets (where
+/// the block loop auto-vectorises).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn depthwise_portable(
+    g: &DwGeometry,
+    x: &DwInput,
+    c: &DwChannel,
+    q: &Requant,
+    scratch: &mut DwScratch,
+    out: &mut [u8],
+) {
+    let layout = fill_phases(g, x, scratch);
+    let (phases, taps) = (&scratch.phases[..], &scratch.taps[..]);
+    for oy in 0..g.oh {
+        let dst = &mut out[oy * g.ow..][..g.ow];
+        let row0 = oy * g.stride.0 * layout.width;
+        for block in 0..layout.blocks {
+            let ox = block * DW_BLOCK;
+            let mut acc = [0f32; DW_BLOCK];
+            for (&tap, &w) in taps.iter().zip(c.weights) {
+                let row = &phases[row0 + tap + ox..][..DW_BLOCK];
+                // Exact either way; a plain multiply-add vectorises on every target, where
+                // `mul_add` is a library call without hardware FMA.
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v * w;
+                }
+            }
+            let n = DW_BLOCK.min(g.ow - ox);
+            for (o, &a) in dst[ox..ox + n].iter_mut().zip(acc.iter()) {
+                *o = q.apply((a as i32).wrapping_add(c.bias), c.scale);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator, so a failure names a reproducible case.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+        fn below(&mut self, n: usize) -> usize {
+            self.next() as usize % n
+        }
+        fn byte(&mut self) -> u8 {
+            self.next() as u8
+        }
+    }
+
+    /// The definition, with none of the kernels' layout tricks.
+    #[allow(clippy::too_many_arguments)]
+    fn reference_gemm(
+        w: &[i16],
+        x: &[i16],
+        m: usize,
+        k: usize,
+        n: usize,
+        bias: &[i32],
+        scale: &[f32],
+        q: &Requant,
+    ) -> Vec<u8> {
+        let mut out = vec![0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let acc: i32 = (0..k)
+                    .map(|p| w[i * k + p] as i32 * x[p * n + j] as i32)
+                    .sum();
+                out[i * n + j] = q.apply(acc + bias[i], scale[i]);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn gemm_matches_the_definition_on_random_shapes() {
+        let mut rng = Lcg(7);
+        for case in 0..300 {
+            let (m, k, n) = (1 + rng.below(23), 1 + rng.below(70), 1 + rng.below(50));
+            let w: Vec<i16> = (0..m * k)
+                .map(|_| rng.byte() as i16 - rng.byte() as i16)
+                .collect();
+            let x: Vec<i16> = (0..k * n)
+                .map(|_| rng.byte() as i16 - rng.byte() as i16)
+                .collect();
+            let bias: Vec<i32> = (0..m).map(|_| rng.next() as i32 % 50_000).collect();
+            let scale: Vec<f32> = (0..m)
+                .map(|_| (1 + rng.below(1000)) as f32 * 2e-6)
+                .collect();
+            let q = if case % 2 == 0 {
+                Requant {
+                    y0: rng.below(256) as i32,
+                    lo: 0,
+                    hi: 255,
+                }
+            } else {
+                Requant {
+                    y0: rng.below(256) as i32 - 128,
+                    lo: -128,
+                    hi: 127,
+                }
+            };
+            let expected = reference_gemm(&w, &x, m, k, n, &bias, &scale, &q);
+            let a = PackedA::pack(&w, m, k);
+            let mut b = vec![];
+            pack_b(&x, k, n, |v| v, &mut b);
+            let mut got = vec![0; m * n];
+            let e = Epilogue {
+                bias: &bias,
+                scale: &scale,
+                q: &q,
+            };
+            portable::gemm(&a, &b, n, &e, &mut got);
+            assert_eq!(got, expected, "portable, case {case}: m {m} k {k} n {n}");
+            got.fill(0);
+            gemm(&a, &b, n, &e, &mut got);
+            assert_eq!(got, expected, "dispatched, case {case}: m {m} k {k} n {n}");
+        }
+    }
+
+    #[test]
+    fn requant_rounds_half_to_even_and_saturates() {
+        let q = Requant {
+            y0: 10,
+            lo: 0,
+            hi: 255,
+        };
+        assert_eq!(q.apply(5, 0.5), 12); // 2.5 -> 2
+        assert_eq!(q.apply(7, 0.5), 14); // 3.5 -> 4
+        assert_eq!(q.apply(-3, 0.5), 8); // -1.5 -> -2
+        assert_eq!(q.apply(i32::MAX, 1.0), 255);
+        assert_eq!(q.apply(i32::MIN, 1.0), 0);
+        let s = Requant {
+            y0: -3,
+            lo: -128,
+            hi: 127,
+        };
+        assert_eq!(s.apply(-1000, 1.0) as i8, -128);
+        assert_eq!(s.apply(0, 1.0) as i8, -3);
+    }
+
+    fn reference_depthwise(g: &DwGeometry, plane: &[u8], x0: i32, w: &[f32]) -> Vec<i32> {
+        let mut out = vec![0; g.oh * g.ow];
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let mut acc = 0i32;
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        let iy = (oy * g.stride.0 + ky) as isize - g.pad.0 as isize;
+                        let ix = (ox * g.stride.1 + kx) as isize - g.pad.1 as isize;
+                        if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                            continue;
+                        }
+                        let v = plane[iy as usize * g.w + ix as usize] as i32 - x0;
+                        acc += v * w[ky * g.kw + kx] as i32;
+                    }
+                }
+                out[oy * g.ow + ox] = acc;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn depthwise_matches_the_definition_on_random_shapes() {
+        let mut rng = Lcg(11);
+        let mut scratch = DwScratch::default();
+        for case in 0..300 {
+            let k = [1, 3, 5, 7][rng.below(4)];
+            let (kh, kw) = (k, if case % 5 == 0 { 1 + rng.below(5) } else { k });
+            let stride = (1 + rng.below(2), 1 + rng.below(2));
+            let pad = (rng.below(kh), rng.below(kw), rng.below(kh), rng.below(kw));
+            let h = kh.saturating_sub(pad.0 + pad.2).max(1) + rng.below(20);
+            let w = kw.saturating_sub(pad.1 + pad.3).max(1) + rng.below(40);
+            let oh = (h + pad.0 + pad.2 - kh) / stride.0 + 1;
+            let ow = (w + pad.1 + pad.3 - kw) / stride.1 + 1;
+            let g = DwGeometry {
+                h,
+                w,
+                kh,
+                kw,
+                stride,
+                pad,
+                oh,
+                ow,
+            };
+            let plane: Vec<u8> = (0..h * w).map(|_| rng.byte()).collect();
+            let x0 = rng.below(256) as i32;
+            let weights: Vec<f32> = (0..kh * kw)
+                .map(|_| (rng.byte() as i32 - rng.byte() as i32) as f32)
+                .collect();
+            let bias = rng.next() as i32 % 10_000;
+            let scale = (1 + rng.below(1000)) as f32 * 1e-5;
+            let q = Requant {
+                y0: rng.below(256) as i32,
+                lo: 0,
+                hi: 255,
+            };
+            let expected: Vec<u8> = reference_depthwise(&g, &plane, x0, &weights)
+                .into_iter()
+                .map(|acc| q.apply(acc + bias, scale))
+                .collect();
+            let mut got = vec![0; oh * ow];
+            let c = DwChannel {
+                weights: &weights,
+                bias,
+                scale,
+            };
+            let x = DwInput {
+                plane: &plane,
+                flip: 0,
+                x0,
+            };
+            depthwise_portable(&g, &x, &c, &q, &mut scratch, &mut got);
+            assert_eq!(got, expected, "portable, case {case}: {g:?}");
+            got.fill(0);
+            depthwise(&g, &x, &c, &q, &mut scratch, &mut got);
+            assert_eq!(got, expected, "dispatched, case {case}: {g:?}");
+            // Signed input: the same values stored as i8 give the same result.
+            let signed: Vec<u8> = plane.iter().map(|b| b ^ 0x80).collect();
+            let x = DwInput {
+                plane: &signed,
+                flip: 0x80,
+                x0,
+            };
+            depthwise(&g, &x, &c, &q, &mut scratch, &mut got);
+            assert_eq!(got, expected, "signed, case {case}: {g:?}");
+        }
+    }
+}

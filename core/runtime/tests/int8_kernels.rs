@@ -1,0 +1,170 @@
+//! Tern's fused int8 convolutions against onnxruntime (data from
+//! `models/generate_int8_conv.py`): a grid of single `QLinearConv` models, and a
+//! MobileNetV3-style network quantized both ways. Run on x86_64 natively and on aarch64 under
+//! qemu, so each architecture's kernels are checked.
+
+use std::path::{Path, PathBuf};
+
+use tern_core::{npy, DType, ExecPrecision, Model, ModelOptions, Tensor};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn run(model: &Model, input: &Tensor) -> Tensor {
+    let mut session = model.session().unwrap();
+    let outputs = session.run(&[input.view()]).unwrap();
+    outputs.get(0).unwrap().to_tensor()
+}
+
+/// Output values as integers, whatever the 8-bit type.
+fn ints(t: &Tensor) -> Vec<i32> {
+    match t.dtype() {
+        DType::U8 => t.bytes().iter().map(|b| *b as i32).collect(),
+        DType::I8 => t.bytes().iter().map(|b| *b as i8 as i32).collect(),
+        other => panic!("expected an 8-bit output, got {other:?}"),
+    }
+}
+
+fn grid() -> Vec<PathBuf> {
+    let dir = repo().join("models/testdata/qconv");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    cases.sort();
+    assert!(
+        cases.len() >= 20,
+        "the grid is missing from {}",
+        dir.display()
+    );
+    cases
+}
+
+fn companion(model: &Path, suffix: &str) -> Tensor {
+    let stem = model.file_stem().unwrap().to_str().unwrap();
+    npy::read_file(model.with_file_name(format!("{stem}.{suffix}.npy"))).unwrap()
+}
+
+#[test]
+fn every_grid_case_runs_on_tern_kernels_within_one_lsb_of_onnxruntime() {
+    let mut failures = vec![];
+    let (mut exact, mut total) = (0usize, 0usize);
+    for path in grid() {
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let model = Model::load(&path, &ModelOptions::default()).unwrap();
+        let heavy = &model.inspection().heavy;
+        let on_tern = heavy.len() == 1
+            && heavy[0].precision == ExecPrecision::Int8
+            && heavy[0]
+                .note
+                .as_deref()
+                .is_some_and(|n| n.contains("Tern int8"));
+        if !on_tern {
+            failures.push(format!("{name}: not on a Tern kernel: {heavy:?}"));
+            continue;
+        }
+        let x = companion(&path, "x");
+        let expected = companion(&path, "y");
+        let got = run(&model, &x);
+        assert_eq!(got.shape(), expected.shape(), "{name}");
+        assert_eq!(got.dtype(), expected.dtype(), "{name}");
+        let (g, e) = (ints(&got), ints(&expected));
+        let worst = g.iter().zip(&e).map(|(a, b)| (a - b).abs()).max().unwrap();
+        exact += g.iter().zip(&e).filter(|(a, b)| a == b).count();
+        total += g.len();
+        if worst > 1 {
+            failures.push(format!("{name}: off by {worst}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    // Same rounding rule as onnxruntime: nearly every value is identical, not just close.
+    let share = exact as f64 / total as f64;
+    assert!(share > 0.999, "only {share:.5} of {total} values identical");
+}
+
+#[test]
+fn the_same_grid_through_tracts_own_lowering_agrees_with_tern() {
+    // tract's path is the fallback for anything the kernels do not cover, so it must agree too.
+    let tract = ModelOptions {
+        int8_kernels: false,
+        ..ModelOptions::default()
+    };
+    for path in grid() {
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let x = companion(&path, "x");
+        let ours = ints(&run(
+            &Model::load(&path, &ModelOptions::default()).unwrap(),
+            &x,
+        ));
+        let model = Model::load(&path, &tract).unwrap();
+        assert!(
+            model.inspection().heavy.iter().all(|h| !h
+                .note
+                .as_deref()
+                .unwrap_or("")
+                .contains("Tern int8")),
+            "{name}: int8_kernels off still used them"
+        );
+        let theirs = ints(&run(&model, &x));
+        let worst = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .max()
+            .unwrap();
+        assert!(worst <= 1, "{name}: tract and Tern differ by {worst}");
+    }
+}
+
+fn mobilenet(file: &str) -> PathBuf {
+    repo().join("models/testdata/mobilenet").join(file)
+}
+
+fn floats(t: &Tensor) -> Vec<f32> {
+    t.view().to_vec::<f32>().unwrap()
+}
+
+fn top1(v: &[f32], classes: usize) -> Vec<usize> {
+    v.chunks(classes)
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold(
+                    (0, f32::MIN),
+                    |best, (i, x)| if *x > best.1 { (i, *x) } else { best },
+                )
+                .0
+        })
+        .collect()
+}
+
+#[test]
+fn quantized_mobilenet_runs_every_convolution_on_tern_kernels_and_matches_onnxruntime() {
+    let input = npy::read_file(mobilenet("input.npy")).unwrap();
+    for (file, convs) in [("int8-qdq", 54), ("int8-qop", 52)] {
+        let model =
+            Model::load(mobilenet(&format!("{file}.onnx")), &ModelOptions::default()).unwrap();
+        let inspection = model.inspection();
+        let tern = inspection
+            .heavy
+            .iter()
+            .filter(|h| h.note.as_deref().unwrap_or("").contains("Tern int8"))
+            .count();
+        assert_eq!(tern, convs, "{file}: {:#?}", inspection.heavy);
+        let got = floats(&run(&model, &input));
+        let expected = floats(&npy::read_file(mobilenet(&format!("{file}.out.npy"))).unwrap());
+        let classes = 100;
+        assert_eq!(got.len(), expected.len());
+        // Integer layers are exact; the float islands between them (h-swish, pooling, the
+        // float Gemm) may round differently in the last bit.
+        let worst = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-4, "{file}: max |diff| {worst}");
+        assert_eq!(top1(&got, classes), top1(&expected, classes), "{file}");
+    }
+}
