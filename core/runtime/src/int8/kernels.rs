@@ -394,6 +394,59 @@ mod avx2 {
         )
     }
 
+    /// Converts a row of bytes to f32 (zero point subtracted), even columns to `dst[even..]`,
+    /// odd ones to `dst[odd..]`: the two phases of a stride-2 depthwise input row.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn split2(
+        src: &[u8],
+        flip: u8,
+        x0: f32,
+        dst: &mut [f32],
+        even: usize,
+        odd: usize,
+    ) {
+        let (n_even, n_odd) = (src.len().div_ceil(2), src.len() / 2);
+        assert!(
+            even + n_even <= dst.len() && odd + n_odd <= dst.len(),
+            "phase rows"
+        );
+        assert!(
+            even + n_even <= odd || odd + n_odd <= even,
+            "phase rows overlap"
+        );
+        let (e, o) = (
+            dst.as_mut_ptr().wrapping_add(even),
+            dst.as_mut_ptr().wrapping_add(odd),
+        );
+        let deal = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        let flip_v = _mm_set1_epi8(flip as i8);
+        let x0_v = _mm256_set1_ps(x0);
+        let chunks = src.len() / 16;
+        for i in 0..chunks {
+            // SAFETY: 16 bytes at 16·i are inside `src`; 8 values at 8·i are inside each phase
+            // row (8·i + 8 <= n_odd <= n_even), checked above.
+            unsafe {
+                let v = _mm_loadu_si128(src.as_ptr().add(16 * i) as *const __m128i);
+                let v = _mm_shuffle_epi8(_mm_xor_si128(v, flip_v), deal);
+                let lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+                let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(v)));
+                _mm256_storeu_ps(e.add(8 * i), _mm256_sub_ps(lo, x0_v));
+                _mm256_storeu_ps(o.add(8 * i), _mm256_sub_ps(hi, x0_v));
+            }
+        }
+        for (x, &b) in src.iter().enumerate().skip(16 * chunks) {
+            let at = if x % 2 == 0 {
+                even + x / 2
+            } else {
+                odd + x / 2
+            };
+            dst[at] = (b ^ flip) as f32 - x0;
+        }
+    }
+
     /// [`depthwise_portable`] with the block of 16 outputs held in two registers across taps.
     ///
     /// # Safety
@@ -550,6 +603,15 @@ fn fill_phases(g: &DwGeometry, x: &DwInput, scratch: &mut DwScratch) -> Phases {
             for (d, &b) in dst.iter_mut().zip(src) {
                 *d = (b ^ flip) as f32 - x0;
             }
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if sx == 2 && simd::avx2() {
+            // Column x lands at (x + pl) / 2 in phase (x + pl) % 2: evens in one, odds in the other.
+            let even = ((pl % 2) * ph_alloc + py) * width + pl / 2;
+            let odd = ((1 - pl % 2) * ph_alloc + py) * width + pl.div_ceil(2);
+            // SAFETY: AVX2 was detected on this CPU.
+            unsafe { avx2::split2(src, flip, x0, &mut scratch.phases, even, odd) };
             continue;
         }
         // Converted in one vectorised pass, then dealt out: column x lands in phase
