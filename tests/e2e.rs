@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{binary, digits_request, json_u64, python, repo, served_version, Daemon};
+use common::{binary, digits_request, exchange, json_u64, python, repo, served_version, Daemon};
 
 /// Every model of the repository, run by `tern run` on the held-out digits, agrees with the
 /// onnxruntime outputs stored beside it.
@@ -153,6 +153,27 @@ fn a_bearer_token_guards_everything_but_health() {
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("bearer token"), "{body}");
     assert_eq!(d.get("/metrics").0, 401);
+    let request = digits_request(0, "k");
+    let infer_with = |token: &str| {
+        let auth = [("Authorization", format!("Bearer {token}"))];
+        exchange(
+            &d.addr,
+            "POST",
+            "/v2/models/digits/infer",
+            &auth,
+            request.as_bytes(),
+            None,
+        )
+    };
+    let (status, body) = infer_with("guess");
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = infer_with("s3cret");
+    assert_eq!(status, 200, "{body}");
+    let auth = [("Authorization", "Bearer s3cret".to_string())];
+    assert_eq!(
+        exchange(&d.addr, "GET", "/metrics", &auth, b"", None).0,
+        200
+    );
 }
 
 #[test]

@@ -946,14 +946,17 @@ fn wait_for_report(url: &str, fleet: &str, device: &str, model: &str, state: &st
     }
 }
 
-#[test]
-fn kill_9_during_validation_leaves_a_consistent_repository_and_the_update_completes() {
-    let fleet = Fleet::new("kill-validate", rumqttd());
+/// `kill -9` as soon as the device reports `stage` for a 48 MiB update. Wherever the kill
+/// lands, the repository is consistent at once (never both a pending and an active copy), and
+/// after a restart the update completes from what is on disk: at most the chunks after the last
+/// checkpoint (every 32) are fetched again.
+fn kill_9_at(stage: &str, tag: &str) {
+    let fleet = Fleet::new(tag, rumqttd());
     let big = generate_model(&fleet.dir, 48, "7");
     let mut d = fleet.device("dev", &[]);
-    let (url, name) = (fleet.url.clone(), fleet.name.clone());
+    let (url, name, watched) = (fleet.url.clone(), fleet.name.clone(), stage.to_string());
     let watcher =
-        std::thread::spawn(move || wait_for_report(&url, &name, "dev", "large", "Validating"));
+        std::thread::spawn(move || wait_for_report(&url, &name, "dev", "large", &watched));
     fleet.push_as("large", &big, 1, &[]);
     watcher.join().unwrap();
     d.child.kill().unwrap();
@@ -962,15 +965,22 @@ fn kill_9_during_validation_leaves_a_consistent_repository_and_the_update_comple
     let pending = root.join(".1.pending/model.onnx").exists();
     let active = root.join("1/model.onnx").exists();
     assert!(
-        pending != active,
-        "exactly one of pending ({pending}) and active ({active})"
+        !(pending && active),
+        "killed at {stage}: both a pending and an active copy"
     );
-    // After restart the repository is consistent at once, and the update finishes from the
-    // verified pending copy (or is already done): nothing is downloaded again.
+    if stage == "Validating" {
+        assert!(pending != active, "killed at {stage}: neither copy");
+    }
     let d = fleet.device("dev", &[]);
     fleet.wait_model_state("dev", "large", "active", 1);
     assert!(root.join("1/model.onnx").exists() && !root.join(".1.pending").exists());
-    assert_eq!(metric(&d, "tern_fleet_chunks_received_total"), 0);
+    let refetched = metric(&d, "tern_fleet_chunks_received_total");
+    // Verifying checkpoints the bitmap as it starts; from Installing on nothing is fetched.
+    let allowed = if stage == "Verifying" { 31 } else { 0 };
+    assert!(
+        refetched <= allowed,
+        "killed at {stage}: {refetched} chunks fetched again"
+    );
     let (code, _) = d.post(
         "/v2/models/large/infer",
         &format!(
@@ -979,6 +989,17 @@ fn kill_9_during_validation_leaves_a_consistent_repository_and_the_update_comple
         ),
     );
     assert_eq!(code, 200);
+}
+
+#[test]
+fn kill_9_during_validation_leaves_a_consistent_repository_and_the_update_completes() {
+    kill_9_at("Validating", "kill-validate");
+}
+
+#[test]
+fn kill_9_while_verifying_or_installing_leaves_a_consistent_repository_and_the_update_completes() {
+    kill_9_at("Verifying", "kill-verify");
+    kill_9_at("Installing", "kill-install");
 }
 
 /// MQTT 3.1.1 requesters name their reply topic in the request; requests to the fleet topic
@@ -1123,4 +1144,74 @@ fn telemetry_reports_requests_latency_and_resources() {
             break;
         }
     }
+}
+
+/// A small tmpfs mounted over `dir` for one test, unmounted on drop. Mounting needs root (CI
+/// runs as root); elsewhere `mount` fails and the caller skips.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, bytes: u64) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Every file under `dir`, relative, sorted.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_full_disk_fails_the_update_cleanly_and_the_old_version_keeps_serving() {
+    let fleet = Fleet::new("disk-full", rumqttd());
+    let root = fleet.dir.join("dev");
+    // Room for the shipped digits model and the agent's state, not for an 8 MiB update.
+    let Some(_disk) = SmallDisk::mount(&root, 4 << 20) else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    device_repo(&fleet.dir, "dev");
+    let d = fleet.device("dev", &[]);
+    let before = files_under(&root);
+    let big = generate_model(&fleet.dir, 8, "11");
+    fleet.push_as("large", &big, 1, &[]);
+    let row = fleet.wait_model_state("dev", "large", "failed", 1);
+    assert_eq!(row["detail"], "DiskFull", "{row}");
+    assert!(serves(&d, 1));
+    // Nothing half-written remains: no staged chunks, no pending or partial version.
+    let after: Vec<String> = files_under(&root)
+        .into_iter()
+        .filter(|f| !before.contains(f))
+        .filter(|f| !f.starts_with(".tern-fleet"))
+        .collect();
+    assert!(after.is_empty(), "left behind: {after:?}");
+    // The space is free again: a model that fits installs.
+    fleet.push(&model("digits-int8-qdq"), 2, &[]);
+    fleet.wait_state("dev", "active", 2);
+    assert!(serves(&d, 2));
 }

@@ -16,6 +16,9 @@ pub struct Config {
     pub repository: PathBuf,
     /// Largest request body accepted, in bytes (larger: 413).
     pub max_body_bytes: usize,
+    /// Longest wait for a request body to arrive in full, in milliseconds (longer: 408). A
+    /// client that stalls mid-body holds a connection and its buffer until then.
+    pub body_timeout_ms: u64,
     /// If set, every request but health checks must carry `Authorization: Bearer <token>`.
     pub bearer_token: Option<String>,
     /// If set, the repository is rescanned this often and new versions are loaded and swapped
@@ -119,6 +122,7 @@ impl Default for Config {
             listen: "127.0.0.1:8000".parse().expect("literal address"),
             repository: PathBuf::from("models"),
             max_body_bytes: 64 << 20,
+            body_timeout_ms: 30_000,
             bearer_token: None,
             poll_interval_ms: None,
             memory_budget_bytes: None,

@@ -36,9 +36,8 @@ pub fn json_u64(doc: &str, name: &str) -> u64 {
         .unwrap()
 }
 
-/// A Python with the stock `tritonclient[http]`, numpy, prometheus-client, paho-mqtt, onnx and
-/// pytest: `$TERN_TEST_PYTHON`
-/// if set, else a virtual environment made once under the target directory.
+/// A Python with `tests/python/requirements.txt` (stock `tritonclient[http]`, numpy, pytest…):
+/// `$TERN_TEST_PYTHON` if set, else a virtual environment made once under the target directory.
 pub fn python() -> PathBuf {
     // Tests run in parallel; one of them builds the environment.
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -70,26 +69,14 @@ pub fn python() -> PathBuf {
             .unwrap()
             .success();
         assert!(ok, "python3 -m venv failed");
+        let requirements = repo().join("tests/python/requirements.txt");
         let ok = Command::new(&py)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "tritonclient[http]",
-                "numpy",
-                "prometheus-client",
-                "paho-mqtt",
-                "onnx",
-                "pytest",
-            ])
+            .args(["-m", "pip", "install", "-q", "-r"])
+            .arg(&requirements)
             .status()
             .unwrap()
             .success();
-        assert!(
-            ok,
-            "pip install tritonclient[http] numpy prometheus-client paho-mqtt onnx pytest failed"
-        );
+        assert!(ok, "pip install -r {} failed", requirements.display());
     }
     py
 }
@@ -188,6 +175,46 @@ pub fn served_version(reply: &str) -> String {
         .unwrap_or_else(|| panic!("no version in {reply}"))
         + 17;
     reply[at..].split('"').next().unwrap().to_string()
+}
+
+/// One raw HTTP/1.1 exchange. `declared_len` overrides Content-Length (a body that never comes
+/// in full); the reply is read until the server closes or 10 s pass.
+pub fn exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+    declared_len: Option<usize>,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        declared_len.unwrap_or(body.len())
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    // A server that refuses early may close before the rest is sent; its reply still counts.
+    let _ = s.write_all(body);
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// An HTTP client of a running daemon.

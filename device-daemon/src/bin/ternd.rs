@@ -30,6 +30,9 @@ struct Cli {
     /// Largest request body accepted, in bytes (larger requests get 413).
     #[arg(long)]
     max_body_bytes: Option<usize>,
+    /// Longest wait (ms) for a request body to arrive in full (longer requests get 408).
+    #[arg(long)]
+    body_timeout_ms: Option<u64>,
     /// Estimated bytes all loaded models may hold; past it the least recently used idle model
     /// is evicted and reloads on demand.
     #[arg(long)]
@@ -82,6 +85,9 @@ async fn main() -> Result<()> {
     }
     if let Some(n) = cli.max_body_bytes {
         config.max_body_bytes = n;
+    }
+    if let Some(ms) = cli.body_timeout_ms {
+        config.body_timeout_ms = ms;
     }
     if cli.bearer_token.is_some() {
         config.bearer_token = cli.bearer_token;

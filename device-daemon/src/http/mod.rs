@@ -2,9 +2,10 @@
 //! and what the stock `tritonclient` speaks), plus `GET /metrics`.
 //!
 //! Errors are `{"error": "..."}` with Triton's status mapping: 400 bad input, 404 unknown
-//! model or version, 413 body too large, 503 not ready / overloaded / timed out / shutting down.
+//! model or version, 408 body not in full within `body_timeout_ms`, 413 body too large,
+//! 503 not ready / failed to load / overloaded / timed out / shutting down.
 
-pub mod codec;
+pub use tern_kserve as codec;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,12 +18,46 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use tern_core::{Error as CoreError, RequestOptions, TensorView};
+use tern_core::{DType, Error as CoreError, RequestOptions, TensorView};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::repository::{Loaded, RepoError, Repository};
-use codec::{dtype_to_kserve, OutputTensor};
+use codec::{Datatype, OutputTensor};
+
+/// tern-core's datatype for a KServe one.
+pub fn core_dtype(d: Datatype) -> DType {
+    match d {
+        Datatype::Fp32 => DType::F32,
+        Datatype::Fp16 => DType::F16,
+        Datatype::Int8 => DType::I8,
+        Datatype::Uint8 => DType::U8,
+        Datatype::Int32 => DType::I32,
+        Datatype::Int64 => DType::I64,
+        Datatype::Bool => DType::Bool,
+    }
+}
+
+/// KServe's datatype for a tern-core one.
+pub fn kserve_datatype(d: DType) -> Datatype {
+    match d {
+        DType::F32 => Datatype::Fp32,
+        DType::F16 => Datatype::Fp16,
+        DType::I8 => Datatype::Int8,
+        DType::U8 => Datatype::Uint8,
+        DType::I32 => Datatype::Int32,
+        DType::I64 => Datatype::Int64,
+        DType::Bool => Datatype::Bool,
+    }
+}
+
+pub fn dtype_from_kserve(name: &str) -> Option<DType> {
+    Datatype::from_name(name).map(core_dtype)
+}
+
+pub fn dtype_to_kserve(d: DType) -> &'static str {
+    kserve_datatype(d).name()
+}
 
 /// Shared by every handler.
 #[derive(Debug)]
@@ -55,8 +90,10 @@ impl From<RepoError> for ApiError {
         let status = match &e {
             RepoError::InvalidName(_) => StatusCode::BAD_REQUEST,
             RepoError::UnknownModel(_) | RepoError::UnknownVersion { .. } => StatusCode::NOT_FOUND,
-            RepoError::NotReady(_) | RepoError::Evicted(_) => StatusCode::SERVICE_UNAVAILABLE,
-            RepoError::Load { .. } => StatusCode::BAD_REQUEST,
+            // A model that cannot load is the server's fault, not the request's.
+            RepoError::NotReady(_) | RepoError::Evicted(_) | RepoError::Load { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         };
         ApiError(status, e.to_string())
     }
@@ -312,12 +349,36 @@ async fn read_request(
     body: Body,
 ) -> ApiResult<Arc<codec::InferRequest>> {
     let limit = s.config.max_body_bytes;
-    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
+    let too_large = || {
         ApiError(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body exceeds the {limit}-byte limit"),
         )
-    })?;
+    };
+    let wait = std::time::Duration::from_millis(s.config.body_timeout_ms);
+    // A declared length over the limit is refused without buffering any of the body.
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        discard(body, limit, wait).await;
+        return Err(too_large());
+    }
+    let body = match tokio::time::timeout(wait, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) if is_length_limit(&e) => return Err(too_large()),
+        Ok(Err(e)) => return Err(bad(format!("the request body could not be read: {e}"))),
+        Err(_) => {
+            return Err(ApiError(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive in full within {} ms",
+                    s.config.body_timeout_ms
+                ),
+            ))
+        }
+    };
     let header_len = match headers.get(HEADER_LEN) {
         None => None,
         Some(v) => Some(
@@ -330,6 +391,34 @@ async fn read_request(
     Ok(Arc::new(
         codec::parse_request(header_len, &body).map_err(|e| bad(e.to_string()))?,
     ))
+}
+
+/// Reads and drops up to `max` bytes of a refused body: a client still sending it then reads the
+/// refusal instead of a broken pipe (the server would close on unread data). Gives up after
+/// `wait`.
+async fn discard(mut body: Body, max: usize, wait: std::time::Duration) {
+    use http_body_util::BodyExt;
+    let drain = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > max {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(wait, drain).await;
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Runs a pipeline: each step in dependency order on its model, tensors passed by name.
@@ -544,8 +633,8 @@ async fn run_infer(
                 got.is_err(),
                 started.elapsed(),
             );
-            if let (Ok(got), Some((tern_core::DType::F32, shape, served))) = (got, served) {
-                if let Some(first) = got.first().filter(|o| o.dtype == tern_core::DType::F32) {
+            if let (Ok(got), Some((Datatype::Fp32, shape, served))) = (got, served) {
+                if let Some(first) = got.first().filter(|o| o.dtype == Datatype::Fp32) {
                     let f = |b: &[u8]| -> Vec<f32> {
                         b.chunks_exact(4)
                             .map(|c| f32::from_ne_bytes(c.try_into().expect("4 bytes")))
@@ -616,7 +705,7 @@ async fn infer_on(
             .iter()
             .map(|at| {
                 let i = &request.inputs[at.expect("checked")];
-                TensorView::from_bytes(i.dtype, &i.shape, &i.data)
+                TensorView::from_bytes(core_dtype(i.dtype), &i.shape, &i.data)
             })
             .collect();
         let response = loaded.batcher.infer(&views, &options)?;
@@ -627,7 +716,7 @@ async fn infer_on(
                 let v = response.get(ix).expect("declared output");
                 OutputTensor {
                     name: info.outputs[ix].name.clone(),
-                    dtype: v.dtype(),
+                    dtype: kserve_datatype(v.dtype()),
                     shape: v.shape().to_vec(),
                     data: v.bytes().to_vec(),
                     binary,

@@ -479,6 +479,13 @@ impl Repository {
             if models.get(name).is_some_and(|s| s.evicted) {
                 return Err(RepoError::Evicted(name.into()));
             }
+            // The client learns why, not only that: the file is what an operator must fix.
+            if let Some(message) = models.get(name).and_then(|s| s.error.clone()) {
+                return Err(RepoError::Load {
+                    name: name.into(),
+                    message,
+                });
+            }
             return Err(if self.versions_on_disk(name).is_empty() {
                 RepoError::UnknownModel(name.into())
             } else {

@@ -734,7 +734,7 @@ fn bench_http(base: &str, model: &Path, batch: usize, args: &LoadArgs, json: boo
     let mut binary = vec![];
     for i in inputs {
         let dtype_name = i["datatype"].as_str().unwrap_or_default();
-        let dtype = tern_daemon::http::codec::dtype_from_kserve(dtype_name)
+        let dtype = tern_daemon::http::dtype_from_kserve(dtype_name)
             .ok_or_else(|| anyhow!("unsupported datatype {dtype_name}"))?;
         let shape: Vec<usize> = i["shape"]
             .as_array()

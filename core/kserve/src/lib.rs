@@ -1,8 +1,11 @@
 //! KServe v2 / Open Inference Protocol inference bodies: JSON, and the binary tensor extension
 //! (`Inference-Header-Content-Length`, `binary_data_size`, `binary_data`, `binary_data_output`).
+//!
+//! Only the wire format, with no runtime attached: `ternd` serves it over HTTP and MQTT, and the
+//! fuzz targets (`fuzz/`) drive the parser without building an executor. Everything here reads
+//! untrusted bytes, so nothing may panic and no client-claimed size may size an allocation.
 
 use serde_json::{json, Map, Value};
-use tern_core::DType;
 
 /// A malformed request: the message goes back to the client with status 400.
 #[derive(Debug, thiserror::Error)]
@@ -13,35 +16,61 @@ fn err<T>(m: impl Into<String>) -> Result<T, CodecError> {
     Err(CodecError(m.into()))
 }
 
-pub fn dtype_from_kserve(s: &str) -> Option<DType> {
-    Some(match s {
-        "FP32" => DType::F32,
-        "FP16" => DType::F16,
-        "INT8" => DType::I8,
-        "UINT8" => DType::U8,
-        "INT32" => DType::I32,
-        "INT64" => DType::I64,
-        "BOOL" => DType::Bool,
-        _ => return None,
-    })
+/// The tensor datatypes Tern serves, by their KServe names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Datatype {
+    Bool,
+    Uint8,
+    Int8,
+    Int32,
+    Int64,
+    Fp16,
+    Fp32,
 }
 
-pub fn dtype_to_kserve(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "FP32",
-        DType::F16 => "FP16",
-        DType::I8 => "INT8",
-        DType::U8 => "UINT8",
-        DType::I32 => "INT32",
-        DType::I64 => "INT64",
-        DType::Bool => "BOOL",
+impl Datatype {
+    pub const ALL: [Datatype; 7] = [
+        Datatype::Fp32,
+        Datatype::Fp16,
+        Datatype::Int8,
+        Datatype::Uint8,
+        Datatype::Int32,
+        Datatype::Int64,
+        Datatype::Bool,
+    ];
+
+    /// `FP32`, `UINT8`, … as requests and metadata spell them.
+    pub fn name(self) -> &'static str {
+        match self {
+            Datatype::Fp32 => "FP32",
+            Datatype::Fp16 => "FP16",
+            Datatype::Int8 => "INT8",
+            Datatype::Uint8 => "UINT8",
+            Datatype::Int32 => "INT32",
+            Datatype::Int64 => "INT64",
+            Datatype::Bool => "BOOL",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Datatype> {
+        Datatype::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// Bytes per element on the wire (BOOL is one byte).
+    pub fn size(self) -> usize {
+        match self {
+            Datatype::Bool | Datatype::Uint8 | Datatype::Int8 => 1,
+            Datatype::Fp16 => 2,
+            Datatype::Int32 | Datatype::Fp32 => 4,
+            Datatype::Int64 => 8,
+        }
     }
 }
 
 #[derive(Debug)]
 pub struct InputTensor {
     pub name: String,
-    pub dtype: DType,
+    pub dtype: Datatype,
     pub shape: Vec<usize>,
     pub data: Vec<u8>,
 }
@@ -93,7 +122,7 @@ pub fn parse_request(header_len: Option<usize>, body: &[u8]) -> Result<InferRequ
             .get("datatype")
             .and_then(Value::as_str)
             .ok_or_else(|| what("`datatype` must be a string"))?;
-        let dtype = dtype_from_kserve(dt_name).ok_or_else(|| {
+        let dtype = Datatype::from_name(dt_name).ok_or_else(|| {
             what(&format!(
                 "unsupported datatype `{dt_name}` (FP32, FP16, INT8, UINT8, INT32, INT64, BOOL)"
             ))
@@ -139,7 +168,9 @@ pub fn parse_request(header_len: Option<usize>, body: &[u8]) -> Result<InferRequ
                 let data = raw
                     .get("data")
                     .ok_or_else(|| what("no `data` and no `binary_data_size`"))?;
-                let mut flat = Vec::with_capacity(elements);
+                // The shape is the client's claim; every JSON value takes at least a byte, so
+                // the body bounds what can really be there.
+                let mut flat = Vec::with_capacity(elements.min(body.len()));
                 flatten(data, &mut flat, elements).map_err(|m| what(&m))?;
                 if flat.len() != elements {
                     return Err(what(&format!(
@@ -219,48 +250,77 @@ fn flatten<'v>(v: &'v Value, out: &mut Vec<&'v Value>, limit: usize) -> Result<(
     }
 }
 
-fn encode_values(values: &[&Value], dtype: DType) -> Result<Vec<u8>, String> {
+fn encode_values(values: &[&Value], dtype: Datatype) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(values.len() * dtype.size());
     for (i, v) in values.iter().enumerate() {
-        let bad = || format!("data[{i}] = {v} is not a valid {}", dtype_to_kserve(dtype));
+        let bad = || format!("data[{i}] = {v} is not a valid {}", dtype.name());
         match dtype {
-            DType::F32 => {
-                out.extend_from_slice(&(v.as_f64().ok_or_else(bad)? as f32).to_ne_bytes())
+            Datatype::Fp32 => {
+                let x = float_value(v, f32::MAX as f64).ok_or_else(bad)?;
+                out.extend_from_slice(&(x as f32).to_ne_bytes())
             }
-            DType::F16 => out
-                .extend_from_slice(&half::f16::from_f64(v.as_f64().ok_or_else(bad)?).to_ne_bytes()),
-            DType::Bool => out.push(v.as_bool().ok_or_else(bad)? as u8),
-            DType::I8 => out.extend_from_slice(
+            Datatype::Fp16 => {
+                let x = float_value(v, half::f16::MAX.to_f64()).ok_or_else(bad)?;
+                out.extend_from_slice(&half::f16::from_f64(x).to_ne_bytes())
+            }
+            Datatype::Bool => out.push(v.as_bool().ok_or_else(bad)? as u8),
+            Datatype::Int8 => out.extend_from_slice(
                 &i8::try_from(v.as_i64().ok_or_else(bad)?)
                     .map_err(|_| bad())?
                     .to_ne_bytes(),
             ),
-            DType::U8 => out.push(u8::try_from(v.as_i64().ok_or_else(bad)?).map_err(|_| bad())?),
-            DType::I32 => out.extend_from_slice(
+            Datatype::Uint8 => {
+                out.push(u8::try_from(v.as_i64().ok_or_else(bad)?).map_err(|_| bad())?)
+            }
+            Datatype::Int32 => out.extend_from_slice(
                 &i32::try_from(v.as_i64().ok_or_else(bad)?)
                     .map_err(|_| bad())?
                     .to_ne_bytes(),
             ),
-            DType::I64 => out.extend_from_slice(&v.as_i64().ok_or_else(bad)?.to_ne_bytes()),
+            Datatype::Int64 => out.extend_from_slice(&v.as_i64().ok_or_else(bad)?.to_ne_bytes()),
         }
     }
     Ok(out)
 }
 
-fn json_values(dtype: DType, bytes: &[u8]) -> Vec<Value> {
+/// A JSON number within `max` (a larger one would silently become infinity), or one of the
+/// strings a non-finite float is written as (`"NaN"`, `"Infinity"`, `"-Infinity"`; also
+/// `"inf"`, `"nan"`): JSON has no literal for them.
+fn float_value(v: &Value, max: f64) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64().filter(|x| x.abs() <= max),
+        Value::String(s) => s.trim().parse::<f64>().ok().filter(|x| !x.is_finite()),
+        _ => None,
+    }
+}
+
+/// A float for a JSON response: a number, or a string for the values JSON cannot hold
+/// (serde_json would write `null`, losing what the model said). numpy and tritonclient read
+/// these strings back as floats.
+fn json_float(x: f32) -> Value {
+    if x.is_nan() {
+        json!("NaN")
+    } else if x.is_infinite() {
+        json!(if x > 0.0 { "Infinity" } else { "-Infinity" })
+    } else {
+        json!(x)
+    }
+}
+
+fn json_values(dtype: Datatype, bytes: &[u8]) -> Vec<Value> {
     fn each<const N: usize>(b: &[u8], f: impl Fn([u8; N]) -> Value) -> Vec<Value> {
         b.chunks_exact(N)
             .map(|c| f(c.try_into().expect("exact chunk")))
             .collect()
     }
     match dtype {
-        DType::F32 => each(bytes, |c| json!(f32::from_ne_bytes(c))),
-        DType::F16 => each(bytes, |c| json!(half::f16::from_ne_bytes(c).to_f32())),
-        DType::I8 => each(bytes, |c: [u8; 1]| json!(c[0] as i8)),
-        DType::U8 => each(bytes, |c: [u8; 1]| json!(c[0])),
-        DType::Bool => each(bytes, |c: [u8; 1]| json!(c[0] != 0)),
-        DType::I32 => each(bytes, |c| json!(i32::from_ne_bytes(c))),
-        DType::I64 => each(bytes, |c| json!(i64::from_ne_bytes(c))),
+        Datatype::Fp32 => each(bytes, |c| json_float(f32::from_ne_bytes(c))),
+        Datatype::Fp16 => each(bytes, |c| json_float(half::f16::from_ne_bytes(c).to_f32())),
+        Datatype::Int8 => each(bytes, |c: [u8; 1]| json!(c[0] as i8)),
+        Datatype::Uint8 => each(bytes, |c: [u8; 1]| json!(c[0])),
+        Datatype::Bool => each(bytes, |c: [u8; 1]| json!(c[0] != 0)),
+        Datatype::Int32 => each(bytes, |c| json!(i32::from_ne_bytes(c))),
+        Datatype::Int64 => each(bytes, |c| json!(i64::from_ne_bytes(c))),
     }
 }
 
@@ -268,7 +328,7 @@ fn json_values(dtype: DType, bytes: &[u8]) -> Vec<Value> {
 #[derive(Debug)]
 pub struct OutputTensor {
     pub name: String,
-    pub dtype: DType,
+    pub dtype: Datatype,
     pub shape: Vec<usize>,
     pub data: Vec<u8>,
     pub binary: bool,
@@ -285,7 +345,7 @@ pub fn encode_response(
     for o in outputs {
         let mut entry = Map::new();
         entry.insert("name".into(), json!(o.name));
-        entry.insert("datatype".into(), json!(dtype_to_kserve(o.dtype)));
+        entry.insert("datatype".into(), json!(o.dtype.name()));
         entry.insert("shape".into(), json!(o.shape));
         if o.binary {
             entry.insert(
@@ -326,7 +386,7 @@ mod tests {
         let x = &r.inputs[0];
         assert_eq!(
             (x.dtype, x.shape.as_slice()),
-            (DType::F32, &[2usize, 2][..])
+            (Datatype::Fp32, &[2usize, 2][..])
         );
         let v: Vec<f32> = x
             .data
@@ -350,7 +410,7 @@ mod tests {
 
     #[test]
     fn malformed_bodies_get_messages_that_say_what_is_wrong() {
-        let cases: [(&[u8], Option<usize>, &str); 7] = [
+        let cases: [(&[u8], Option<usize>, &str); 8] = [
             (b"{", None, "malformed JSON"),
             (b"[]", None, "must be a JSON object"),
             (br#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP64","data":[1,2]}]}"#, None, "unsupported datatype `FP64`"),
@@ -358,6 +418,8 @@ mod tests {
             (br#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT8","data":[300]}]}"#, None, "not a valid UINT8"),
             (br#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#, None, "only 0 remain"),
             (b"{}", Some(99), "Inference-Header-Content-Length is 99"),
+            // Claims 10^18 values: refused by count, never allocated.
+            (br#"{"inputs":[{"name":"x","shape":[1000000000,1000000000],"datatype":"FP32","data":[1]}]}"#, None, "needs 1000000000000000000 values, got 1"),
         ];
         for (body, header, want) in cases {
             let e = parse_request(header, body).unwrap_err().to_string();
@@ -366,18 +428,54 @@ mod tests {
     }
 
     #[test]
+    fn non_finite_floats_travel_as_strings_and_out_of_range_numbers_are_refused() {
+        let body = br#"{"inputs":[{"name":"x","shape":[4],"datatype":"FP32","data":["NaN","Infinity","-Infinity",1.5]}]}"#;
+        let x = &parse_request(None, body).unwrap().inputs[0];
+        let v: Vec<f32> = x
+            .data
+            .chunks(4)
+            .map(|c| f32::from_ne_bytes(c.try_into().unwrap()))
+            .collect();
+        assert!(v[0].is_nan());
+        assert_eq!(v[1..], [f32::INFINITY, f32::NEG_INFINITY, 1.5]);
+        for (dtype, data) in [("FP32", "1e39"), ("FP16", "70000"), ("FP32", r#""12""#)] {
+            let body = format!(
+                r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"{dtype}","data":[{data}]}}]}}"#
+            );
+            let e = parse_request(None, body.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("is not a valid {dtype}")), "{e}");
+        }
+
+        let outs = [OutputTensor {
+            name: "y".into(),
+            dtype: Datatype::Fp32,
+            shape: vec![3],
+            data: [f32::NAN, f32::NEG_INFINITY, 0.25]
+                .iter()
+                .flat_map(|x| x.to_ne_bytes())
+                .collect(),
+            binary: false,
+        }];
+        let (_, body) = encode_response("m", 1, None, &outs);
+        let doc: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc["outputs"][0]["data"], json!(["NaN", "-Infinity", 0.25]));
+    }
+
+    #[test]
     fn responses_put_binary_outputs_after_the_json_header() {
         let outs = [
             OutputTensor {
                 name: "a".into(),
-                dtype: DType::F32,
+                dtype: Datatype::Fp32,
                 shape: vec![1],
                 data: 2.5f32.to_ne_bytes().to_vec(),
                 binary: false,
             },
             OutputTensor {
                 name: "b".into(),
-                dtype: DType::I64,
+                dtype: Datatype::Int64,
                 shape: vec![1],
                 data: 9i64.to_ne_bytes().to_vec(),
                 binary: true,
