@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{binary, digits_request, repo, served_version, Daemon};
+use common::{binary, digits_request, generate_model, repo, served_version, Daemon};
 use rumqttc::v5::mqttbytes::QoS;
 
 /// One in-process broker for this test binary (rumqttd cannot be stopped or restarted).
@@ -138,6 +138,8 @@ struct Fleet {
     url: String,
     key: String,
     public: String,
+    /// Extra broker arguments of the manager's CLI (TLS identity).
+    broker_args: Vec<String>,
 }
 
 impl Fleet {
@@ -150,6 +152,7 @@ impl Fleet {
             url,
             key,
             public,
+            broker_args: vec![],
         }
     }
 
@@ -178,6 +181,7 @@ impl Fleet {
     fn cli(&self, args: &[&str]) -> String {
         let mut all = args.to_vec();
         all.extend(["--fleet", &self.name, "--mqtt", &self.url]);
+        all.extend(self.broker_args.iter().map(String::as_str));
         tern_ok(&all)
     }
 
@@ -419,27 +423,60 @@ fn json_field(doc: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {doc}"))
 }
 
-#[test]
-fn kill_9_during_a_download_resumes_from_the_bitmap_after_restart() {
-    let fleet = Fleet::new("kill", rumqttd());
+/// A device behind a relay, downloading digits version 2 (157 chunks of 256 bytes, a window of
+/// 4), frozen by the relay after about 20 KB of 40 KB (~75 chunks, two bitmap checkpoints): the
+/// moment to inject a fault.
+struct Frozen {
+    fleet: Fleet,
+    device_fleet: Fleet,
+    relay: Relay,
+    config: String,
+    d: Daemon,
+    chunks: u64,
+    received: u64,
+}
+
+fn freeze_a_transfer(tag: &str, url: String) -> Frozen {
+    let fleet = Fleet::new(tag, url);
     let relay = Relay::new(&fleet.url);
-    let mut device_fleet = Fleet::new("kill-dev", relay.url());
+    let mut device_fleet = Fleet::new(&format!("{tag}-dev"), relay.url());
     device_fleet.name = fleet.name.clone();
     device_fleet.public = fleet.public.clone();
     let config = chunk_window_config(&fleet.dir, 4);
     let d = device_fleet.device("dev", &["--config", &config]);
-    // The transfer freezes after about 20 KB of 40 KB (~75 of 157 chunks, two checkpoints).
     relay.hold_after.store(20_000, Ordering::SeqCst);
     let pushed = fleet.push(&model("digits"), 2, &["--chunk-size", "256"]);
     let chunks = json_field(&pushed, "chunks");
-    let mut before = 0;
+    let mut received = 0;
     wait_until(Duration::from_secs(30), "the transfer to freeze", || {
         let now = metric(&d, "tern_fleet_chunks_received_total");
-        let settled = now > 0 && now == before;
-        before = now;
+        let settled = now > 0 && now == received;
+        received = now;
         std::thread::sleep(Duration::from_millis(300));
         settled
     });
+    Frozen {
+        fleet,
+        device_fleet,
+        relay,
+        config,
+        d,
+        chunks,
+        received,
+    }
+}
+
+#[test]
+fn kill_9_during_a_download_resumes_from_the_bitmap_after_restart() {
+    let Frozen {
+        fleet,
+        device_fleet,
+        relay,
+        config,
+        d,
+        chunks,
+        received: before,
+    } = freeze_a_transfer("kill", rumqttd());
     assert!(
         before >= 32 && before < chunks,
         "{before} of {chunks} chunks before the kill"
@@ -908,21 +945,9 @@ fn metric_sum(d: &Daemon, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
-fn generate_model(dir: &Path, mib: u32, seed: &str) -> String {
-    let out = dir.join(format!("large-{mib}-{seed}.onnx"));
-    let ok = Command::new(common::python())
-        .arg(repo().join("tests/python/make_large_model.py"))
-        .args([&mib.to_string(), out.to_str().unwrap(), seed])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "generating a {mib} MiB model");
-    out.display().to_string()
-}
-
 /// Blocks until `device` reports `model` in `state` (a SPEC.md `UpdateState` variant name).
 fn wait_for_report(url: &str, fleet: &str, device: &str, model: &str, state: &str) {
-    let (client, mut conn) = client(url, &format!("watch-{device}"));
+    let (client, mut conn) = client(url, &format!("watch-{fleet}-{device}"));
     client
         .subscribe(
             format!("tern/v1/{fleet}/devices/{device}/reported"),
@@ -946,13 +971,13 @@ fn wait_for_report(url: &str, fleet: &str, device: &str, model: &str, state: &st
     }
 }
 
-/// `kill -9` as soon as the device reports `stage` for a 48 MiB update. Wherever the kill
+/// `kill -9` as soon as the device reports `stage` for a `mib` MiB update. Wherever the kill
 /// lands, the repository is consistent at once (never both a pending and an active copy), and
 /// after a restart the update completes from what is on disk: at most the chunks after the last
 /// checkpoint (every 32) are fetched again.
-fn kill_9_at(stage: &str, tag: &str) {
+fn kill_9_at(stage: &str, tag: &str, mib: u32) {
     let fleet = Fleet::new(tag, rumqttd());
-    let big = generate_model(&fleet.dir, 48, "7");
+    let big = generate_model(&fleet.dir, mib, "7");
     let mut d = fleet.device("dev", &[]);
     let (url, name, watched) = (fleet.url.clone(), fleet.name.clone(), stage.to_string());
     let watcher =
@@ -993,13 +1018,17 @@ fn kill_9_at(stage: &str, tag: &str) {
 
 #[test]
 fn kill_9_during_validation_leaves_a_consistent_repository_and_the_update_completes() {
-    kill_9_at("Validating", "kill-validate");
+    kill_9_at("Validating", "kill-validate", 48);
 }
 
 #[test]
-fn kill_9_while_verifying_or_installing_leaves_a_consistent_repository_and_the_update_completes() {
-    kill_9_at("Verifying", "kill-verify");
-    kill_9_at("Installing", "kill-install");
+fn kill_9_while_verifying_leaves_a_consistent_repository_and_the_update_completes() {
+    kill_9_at("Verifying", "kill-verify", 24);
+}
+
+#[test]
+fn kill_9_while_installing_leaves_a_consistent_repository_and_the_update_completes() {
+    kill_9_at("Installing", "kill-install", 24);
 }
 
 /// MQTT 3.1.1 requesters name their reply topic in the request; requests to the fleet topic
@@ -1214,4 +1243,382 @@ fn a_full_disk_fails_the_update_cleanly_and_the_old_version_keeps_serving() {
     fleet.push(&model("digits-int8-qdq"), 2, &[]);
     fleet.wait_state("dev", "active", 2);
     assert!(serves(&d, 2));
+}
+
+/// A Mosquitto of this test's own, on its own port, persisting to `dir` as a production broker
+/// does: stopped and started again, it keeps its retained messages.
+struct PrivateBroker {
+    child: std::process::Child,
+    port: u16,
+    conf: PathBuf,
+}
+
+impl PrivateBroker {
+    fn start(dir: &Path) -> PrivateBroker {
+        PrivateBroker::start_with(
+            dir,
+            &format!(
+                "allow_anonymous true\npersistence true\npersistence_location {}/\n",
+                dir.display()
+            ),
+        )
+    }
+
+    /// A broker whose listener takes `settings` (TLS, ACLs) after its port.
+    fn start_with(dir: &Path, settings: &str) -> PrivateBroker {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.join("mosquitto.conf");
+        // `user root`: started as root, Mosquitto would otherwise switch to a user that cannot
+        // read or write the scratch directory (ignored when not started as root).
+        std::fs::write(
+            &conf,
+            format!("user root\nlistener {port} 127.0.0.1\n{settings}"),
+        )
+        .unwrap();
+        let child = PrivateBroker::spawn(&conf, port);
+        PrivateBroker { child, port, conf }
+    }
+
+    fn spawn(conf: &Path, port: u16) -> std::process::Child {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto (Debian's package; .ci/run installs it)");
+        wait_until(Duration::from_secs(10), "the private Mosquitto", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        child
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// A clean restart (SIGTERM, so the broker saves its state), on the same port.
+    fn restart(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap();
+        self.child = PrivateBroker::spawn(&self.conf, self.port);
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_broker_restarted_mid_transfer_keeps_its_chunks_and_the_transfer_resumes() {
+    let mut broker = PrivateBroker::start(&scratch("broker-restart-mosquitto"));
+    let Frozen {
+        fleet,
+        relay,
+        d,
+        chunks,
+        received: before,
+        ..
+    } = freeze_a_transfer("broker-restart", broker.url());
+    assert!(
+        before < chunks,
+        "{before} of {chunks} chunks before the restart"
+    );
+    broker.restart();
+    relay.hold_after.store(u64::MAX, Ordering::SeqCst);
+    fleet.wait_state("dev", "active", 2);
+    assert!(serves(&d, 2));
+    assert!(
+        relay.conns.lock().unwrap().len() >= 2,
+        "the device reconnected"
+    );
+    // Every chunk was written once: the restart cost no completed chunk.
+    assert_eq!(metric(&d, "tern_fleet_chunks_received_total"), chunks);
+}
+
+/// A test PKI in `dir`: a CA and certificates it issues (valid for 127.0.0.1 and localhost),
+/// as PEM files.
+struct TestPki {
+    dir: PathBuf,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestPki {
+    fn new(dir: &Path) -> TestPki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Tern test fleet CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        TestPki {
+            dir: dir.to_path_buf(),
+            ca,
+        }
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Certificate and key files for `name` (its common name: the broker's user name).
+    fn issue(&self, name: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (c, k) = (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+/// An MQTT 5 client of the TLS broker with the identity `(cert, key)`, or none.
+fn tls_client(
+    port: u16,
+    id: &str,
+    ca: &Path,
+    identity: Option<&(PathBuf, PathBuf)>,
+) -> (rumqttc::v5::Client, rumqttc::v5::Connection) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(cert)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_file(key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let mut o = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+    o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+        Arc::new(config),
+    )));
+    rumqttc::v5::Client::new(o, 64)
+}
+
+/// Events of `conn` for `wait`: publishes received (topic, payload), SUBACK and PUBACK codes,
+/// and whether the connection was refused.
+#[derive(Default, Debug)]
+struct Seen {
+    publishes: Vec<(String, Vec<u8>)>,
+    subacks: Vec<rumqttc::v5::mqttbytes::v5::SubscribeReasonCode>,
+    pubacks: Vec<rumqttc::v5::mqttbytes::v5::PubAckReason>,
+    connected: bool,
+    refused: bool,
+}
+
+fn watch(conn: &mut rumqttc::v5::Connection, wait: Duration) -> Seen {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::Event;
+    let mut seen = Seen::default();
+    let deadline = Instant::now() + wait;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match conn.recv_timeout(left) {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => seen.connected = true,
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => seen.publishes.push((
+                String::from_utf8_lossy(&p.topic).into_owned(),
+                p.payload.to_vec(),
+            )),
+            Ok(Ok(Event::Incoming(Packet::SubAck(a)))) => seen.subacks.extend(a.return_codes),
+            Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => seen.pubacks.push(a.reason),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => {
+                seen.refused = !seen.connected;
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
+#[test]
+fn over_tls_a_device_reaches_its_own_topics_and_never_another_devices() {
+    use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
+    let dir = scratch("tls-broker");
+    let pki = TestPki::new(&dir);
+    let (broker_cert, broker_key) = pki.issue("broker");
+    let manager = pki.issue("manager");
+    let dev_a = pki.issue("dev-a");
+    let acl = dir.join("acl");
+    // The manager writes the whole tree; a device (its certificate's name is its user name,
+    // %u) reads the fleet's desired state and artifacts and owns only its own subtree.
+    std::fs::write(
+        &acl,
+        "user manager\ntopic readwrite tern/#\n\n\
+         pattern read tern/v1/+/desired\n\
+         pattern read tern/v1/+/artifacts/#\n\
+         pattern readwrite tern/v1/+/devices/%u/#\n",
+    )
+    .unwrap();
+    let broker = PrivateBroker::start_with(
+        &dir,
+        &format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
+             use_identity_as_username true\nacl_file {}\n",
+            pki.ca_file().display(),
+            broker_cert.display(),
+            broker_key.display(),
+            acl.display()
+        ),
+    );
+    let mut fleet = Fleet::new("tls", format!("mqtts://127.0.0.1:{}", broker.port));
+    fleet.broker_args = vec![
+        "--ca-file".into(),
+        pki.ca_file().display().to_string(),
+        "--client-cert".into(),
+        manager.0.display().to_string(),
+        "--client-key".into(),
+        manager.1.display().to_string(),
+    ];
+    let config = fleet.dir.join("dev-a.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[fleet]\nca_file = {:?}\nclient_cert = {:?}\nclient_key = {:?}\n",
+            pki.ca_file(),
+            dev_a.0,
+            dev_a.1
+        ),
+    )
+    .unwrap();
+
+    // The whole update flow works over TLS with the device's own certificate.
+    let d = fleet.device("dev-a", &["--config", config.to_str().unwrap()]);
+    fleet.push(&model("digits-int8-qdq"), 2, &[]);
+    fleet.wait_state("dev-a", "active", 2);
+    assert!(serves(&d, 2));
+
+    // What dev-b's subtree holds, as the manager would leave it.
+    let prefix = format!("tern/v1/{}", fleet.name);
+    let ca = pki.ca_file();
+    let (observer, mut observed) = tls_client(broker.port, "observer", &ca, Some(&manager));
+    observer
+        .publish(
+            format!("{prefix}/devices/dev-b/desired"),
+            QoS::AtLeastOnce,
+            true,
+            b"for dev-b only".to_vec(),
+        )
+        .unwrap();
+    observer
+        .subscribe(format!("{prefix}/devices/dev-b/#"), QoS::AtLeastOnce)
+        .unwrap();
+    observer
+        .subscribe(format!("{prefix}/artifacts/forged/#"), QoS::AtLeastOnce)
+        .unwrap();
+    observer
+        .subscribe(format!("{prefix}/devices/dev-a/probe"), QoS::AtLeastOnce)
+        .unwrap();
+    let before = watch(&mut observed, Duration::from_secs(1));
+    assert!(before.pubacks.len() == 1, "{before:?}");
+
+    // dev-a's own identity, from another process: it may not read dev-b's subtree...
+    let (a, mut a_conn) = tls_client(broker.port, "dev-a-intruder", &ca, Some(&dev_a));
+    a.subscribe(format!("{prefix}/devices/dev-b/#"), QoS::AtLeastOnce)
+        .unwrap();
+    a.subscribe(format!("{prefix}/devices/dev-a/#"), QoS::AtLeastOnce)
+        .unwrap();
+    // ...nor write it, nor forge artifacts; its own subtree it may write.
+    for (topic, what) in [
+        (
+            format!("{prefix}/devices/dev-b/desired"),
+            "forged desired state",
+        ),
+        (format!("{prefix}/devices/dev-b/reported"), "forged report"),
+        (
+            format!("{prefix}/artifacts/forged/manifest"),
+            "forged manifest",
+        ),
+        (format!("{prefix}/devices/dev-a/probe"), "own topic"),
+    ] {
+        a.publish(topic, QoS::AtLeastOnce, false, what.as_bytes().to_vec())
+            .unwrap();
+    }
+    let seen_by_a = watch(&mut a_conn, Duration::from_secs(2));
+    let seen = watch(&mut observed, Duration::from_secs(1));
+
+    assert!(seen_by_a.connected, "{seen_by_a:?}");
+    assert!(
+        !seen_by_a
+            .publishes
+            .iter()
+            .any(|(t, _)| t.contains("/devices/dev-b/")),
+        "dev-a read dev-b's topics: {:?}",
+        seen_by_a.publishes
+    );
+    // Its own subtree it reads (the report its daemon keeps there, and its probe).
+    assert!(
+        seen_by_a
+            .publishes
+            .iter()
+            .any(|(t, _)| t.ends_with("/devices/dev-a/reported")),
+        "{:?}",
+        seen_by_a.publishes
+    );
+    let from_a: Vec<&[u8]> = seen.publishes.iter().map(|(_, p)| &p[..]).collect();
+    assert_eq!(
+        from_a,
+        [&b"own topic"[..]],
+        "the observer saw {:?}",
+        seen.publishes
+    );
+    // MQTT 5 tells the intruder so: the broker refuses each forged publish.
+    use PubAckReason::{NotAuthorized, Success};
+    assert_eq!(
+        seen_by_a.pubacks,
+        [NotAuthorized, NotAuthorized, NotAuthorized, Success]
+    );
+    assert!(
+        seen_by_a
+            .subacks
+            .iter()
+            .any(|c| matches!(c, SubscribeReasonCode::Success(_))),
+        "{:?}",
+        seen_by_a.subacks
+    );
+
+    // No certificate, no connection.
+    let (_anon, mut anon_conn) = tls_client(broker.port, "anonymous", &ca, None);
+    let anon = watch(&mut anon_conn, Duration::from_secs(3));
+    assert!(!anon.connected && anon.refused, "{anon:?}");
 }

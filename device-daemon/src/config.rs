@@ -65,7 +65,7 @@ pub struct Stream {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Fleet {
-    /// `mqtt://HOST:PORT`.
+    /// `mqtt://HOST:PORT`, or `mqtts://HOST:PORT` for TLS.
     pub mqtt: String,
     pub fleet: String,
     pub device_id: String,
@@ -73,6 +73,12 @@ pub struct Fleet {
     pub trust_keys: Vec<PathBuf>,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// PEM CA certificate(s) the broker's certificate must chain to (`mqtts://`; the system's
+    /// roots when unset).
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate and private key identifying this device to the broker (`mqtts://`).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
     /// Versions of a fleet-managed model kept on disk (the active one and rollback targets).
     pub keep_versions: usize,
     /// Chunk topics subscribed at once while downloading: the transfer's flow control.
@@ -102,6 +108,9 @@ impl Default for Fleet {
             trust_keys: vec![],
             username: None,
             password: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
             keep_versions: 2,
             chunk_window: 16,
             max_packet_bytes: 1 << 20,

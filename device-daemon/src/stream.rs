@@ -162,7 +162,7 @@ pub fn start(streams: &[Stream], state: Arc<AppState>) -> Result<(), StreamError
 
 fn publisher(url: &str, stream: &str) -> Result<AsyncClient, StreamError> {
     let id = format!("ternd-stream-{stream}-{}", std::process::id());
-    let options = crate::fleet::mqtt_options(url, &id, 1 << 20, false, None)?;
+    let options = crate::fleet::mqtt_options(url, &id, 1 << 20, false, &Default::default())?;
     let (client, mut events) = AsyncClient::new(options, 64);
     // The event loop does the (re)connecting; results published while the broker is away are
     // dropped (QoS 0: a sensor result is stale by the time it would be re-sent).

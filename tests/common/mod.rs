@@ -81,6 +81,19 @@ pub fn python() -> PathBuf {
     py
 }
 
+/// An ONNX model of about `mib` MiB (`tests/python/make_large_model.py`): x [N, 256] → y.
+pub fn generate_model(dir: &Path, mib: u32, seed: &str) -> String {
+    let out = dir.join(format!("large-{mib}-{seed}.onnx"));
+    let ok = Command::new(python())
+        .arg(repo().join("tests/python/make_large_model.py"))
+        .args([&mib.to_string(), out.to_str().unwrap(), seed])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "generating a {mib} MiB model");
+    out.display().to_string()
+}
+
 /// A running `ternd` on a port of its choosing, stopped with SIGTERM on drop.
 pub struct Daemon {
     pub child: std::process::Child,

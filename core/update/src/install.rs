@@ -68,10 +68,7 @@ pub fn stage(
             .and_then(|f| f.sync_all())
             .map_err(io("syncing", &model))?;
     }
-    write_durably(
-        &pending.join(MANIFEST_FILE),
-        &crate::encode_manifest(manifest),
-    )?;
+    write_manifest(&pending, manifest)?;
     if let Some(st) = selftest {
         write_durably(&pending.join(SELFTEST_FILE), st)?;
     }
@@ -121,6 +118,12 @@ pub fn restore(root: &Path, name: &str, version: u32) -> Result<bool, UpdateErro
 }
 
 /// The manifest of an installed (`Some(true)` for pending) version, if the fleet installed it.
+/// Records `manifest` beside the model in a version's directory, durably.
+pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), UpdateError> {
+    write_durably(&dir.join(MANIFEST_FILE), &crate::encode_manifest(manifest))?;
+    sync_dir(dir)
+}
+
 pub fn installed_manifest(dir: &Path) -> Option<Manifest> {
     let bytes = std::fs::read(dir.join(MANIFEST_FILE)).ok()?;
     crate::decode_manifest(&bytes).ok()

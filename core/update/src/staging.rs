@@ -41,6 +41,9 @@ impl Staging {
         let expected = format!("{} {}", body.size, body.chunk_size);
         let resumable = std::fs::read_to_string(&chunking).ok().as_deref() == Some(&expected);
         let bytes = (body.chunk_count as usize).div_ceil(8);
+        // The bitmap vouches for bytes in `artifact.part`; without the file (moved into an
+        // install that a crash interrupted, or deleted) it vouches for nothing.
+        let resumable = resumable && data.exists();
         let mut bitmap = if resumable {
             std::fs::read(dir.join("bitmap")).unwrap_or_default()
         } else {
@@ -260,6 +263,24 @@ mod tests {
         let s = Staging::open(root.path(), &m).unwrap();
         assert_eq!(s.received(), 2);
         assert_eq!(s.missing().collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn a_bitmap_without_its_data_file_vouches_for_nothing() {
+        // As after a crash in the middle of an install that had moved the artifact away.
+        let root = tempfile::tempdir().unwrap();
+        let bytes = artifact();
+        let m = manifest(&bytes);
+        let mut s = Staging::open(root.path(), &m).unwrap();
+        for i in 0..4 {
+            s.write_chunk(i, chunk(&bytes, i)).unwrap();
+        }
+        s.checkpoint().unwrap();
+        drop(s);
+        let dir = root.path().join(crate::hex(&m.body.sha256));
+        std::fs::rename(dir.join("artifact.part"), root.path().join("moved")).unwrap();
+        let s = Staging::open(root.path(), &m).unwrap();
+        assert_eq!(s.received(), 0);
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub fn start(cfg: Fleet, app: Arc<AppState>) -> Result<(), FleetError> {
         &format!("ternd-{}-{}", cfg.fleet, cfg.device_id),
         cfg.max_packet_bytes,
         true,
-        cfg.username.as_deref().zip(cfg.password.as_deref()),
+        &super::BrokerAuth::of(&cfg),
     )?;
     let (client, mut eventloop) = AsyncClient::new(options, 256);
     let topics = Topics::new(&cfg.fleet);
@@ -556,9 +556,15 @@ impl Agent {
         let sha = job.want.artifact;
         let _ = self.client.unsubscribe(self.topics.manifest(&sha)).await;
         // A crash after install but before activation leaves a verified pending copy: reuse it.
+        // A crash inside the install can leave the model moved in but not yet its manifest;
+        // the bytes are what the (verified) manifest signs, so the manifest is written again.
         let pending = install::pending_dir(&self.root(), &name, b.version);
-        let pending_ok = install::installed_manifest(&pending).is_some_and(|m| m == manifest)
-            && tern_update::sha256_file(&pending.join(install::MODEL_FILE)).ok() == Some(sha);
+        let pending_ok = tern_update::sha256_file(&pending.join(install::MODEL_FILE)).ok()
+            == Some(sha)
+            && match install::installed_manifest(&pending) {
+                Some(m) => m == manifest,
+                None => install::write_manifest(&pending, &manifest).is_ok(),
+            };
         let staging = if pending_ok {
             None
         } else {

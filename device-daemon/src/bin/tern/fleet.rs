@@ -12,16 +12,32 @@ use clap::{Args, Subcommand};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
-use tern_daemon::fleet::{mqtt_options, Topics};
+use tern_daemon::fleet::{mqtt_options, BrokerAuth, Topics};
 use tern_proto::{DesiredModel, DesiredState, Frame, Manifest, UpdateState};
 use tern_update::SecretKey;
 use tokio::sync::mpsc;
 
 #[derive(Args, Clone)]
 pub struct Broker {
-    /// MQTT broker of the fleet.
+    /// MQTT broker of the fleet (`mqtts://` for TLS).
     #[arg(long, env = "TERN_MQTT", default_value = "mqtt://127.0.0.1:1883")]
     mqtt: String,
+    /// PEM CA certificate(s) the broker's certificate must chain to (mqtts://; default: the
+    /// system's roots).
+    #[arg(long, env = "TERN_MQTT_CA")]
+    ca_file: Option<PathBuf>,
+    /// PEM certificate identifying the fleet manager to the broker (mqtts://).
+    #[arg(long, env = "TERN_MQTT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Private key of --client-cert (PEM).
+    #[arg(long, env = "TERN_MQTT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// MQTT username (with --password).
+    #[arg(long, env = "TERN_MQTT_USERNAME", requires = "password")]
+    username: Option<String>,
+    /// MQTT password.
+    #[arg(long, env = "TERN_MQTT_PASSWORD", requires = "username")]
+    password: Option<String>,
     /// Fleet name.
     #[arg(long, env = "TERN_FLEET")]
     fleet: String,
@@ -211,7 +227,13 @@ impl Conn {
                 .map(|d| d.subsec_nanos())
                 .unwrap_or(0)
         );
-        let mut options = mqtt_options(&broker.mqtt, &id, 1 << 20, false, None)?;
+        let auth = BrokerAuth {
+            ca_file: broker.ca_file.as_deref(),
+            client_cert: broker.client_cert.as_deref(),
+            client_key: broker.client_key.as_deref(),
+            credentials: broker.username.as_deref().zip(broker.password.as_deref()),
+        };
+        let mut options = mqtt_options(&broker.mqtt, &id, 1 << 20, false, &auth)?;
         // Bounded in-flight publishes: a 64 MiB push must not sit in memory all at once.
         options.set_outgoing_inflight_upper_limit(32);
         let (client, mut eventloop) = AsyncClient::new(options, 64);
