@@ -21,6 +21,16 @@ pub enum DType {
 }
 
 impl DType {
+    pub const ALL: [DType; 7] = [
+        DType::F32,
+        DType::F16,
+        DType::I8,
+        DType::U8,
+        DType::I32,
+        DType::I64,
+        DType::Bool,
+    ];
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
@@ -328,15 +338,7 @@ mod tests {
 
     #[test]
     fn dtype_names_parse_back() {
-        for dt in [
-            DType::F32,
-            DType::F16,
-            DType::I8,
-            DType::U8,
-            DType::I32,
-            DType::I64,
-            DType::Bool,
-        ] {
+        for dt in DType::ALL {
             assert_eq!(DType::parse(dt.name()), Some(dt));
         }
     }

@@ -389,6 +389,92 @@ fn bad_inputs_get_clear_errors_and_the_session_keeps_working() {
     assert_eq!(ok.get(0).unwrap().shape(), &[2, 10]);
 }
 
+/// Random inputs (datatypes, ranks, dimensions from 0 to absurd, byte lengths right and wrong,
+/// random bits, too many or no tensors) against float and int8 models: each is answered or
+/// refused as invalid, never crashes or fails inside the executor, and the session answers a
+/// good request afterwards. A property test in the normal suite: a cargo-fuzz target for this
+/// would need tract built under coverage instrumentation (RELIABILITY.md).
+#[test]
+fn random_inputs_are_answered_or_refused_and_the_session_survives() {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let dtypes = DType::ALL;
+    let dims = [0usize, 1, 2, 3, 8, 10, 64, 1 << 20, usize::MAX / 2];
+    for variant in ["digits", "digits-int8-qop", "resblock-int8-qdq"] {
+        let options = ModelOptions {
+            max_batch: Some(8),
+            ..Default::default()
+        };
+        let m = Model::load(model_path(variant), &options).unwrap();
+        let mut s = m.session().unwrap();
+        let declared = &m.info().inputs[0];
+        let good: Vec<usize> = declared
+            .shape
+            .iter()
+            .map(|d| match d {
+                tern_core::Dim::Fixed(n) => *n,
+                _ => 1,
+            })
+            .collect();
+        let (mut answered, mut refused) = (0, 0);
+        for case in 0..300 {
+            let pick = |n: u64, len: usize| (n % len as u64) as usize;
+            // Mostly near misses of the declared input; sometimes anything at all.
+            let shape: Vec<usize> = if next() % 3 > 0 {
+                let mut s = good.clone();
+                if next() % 2 == 0 {
+                    let at = pick(next(), s.len());
+                    s[at] = dims[pick(next(), dims.len())];
+                }
+                s
+            } else {
+                (0..pick(next(), 6))
+                    .map(|_| dims[pick(next(), dims.len())])
+                    .collect()
+            };
+            let dtype = if next() % 3 == 0 {
+                dtypes[pick(next(), dtypes.len())]
+            } else {
+                declared.dtype
+            };
+            let exact = shape
+                .iter()
+                .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+                .filter(|&n| n <= 1 << 16);
+            let len = match exact {
+                Some(n) if next() % 4 > 0 => n,
+                _ => pick(next(), 1024),
+            };
+            let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let tensors = [0, 1, 1, 1, 2][pick(next(), 5)];
+            let views: Vec<TensorView<'_>> = (0..tensors)
+                .map(|_| TensorView::from_bytes(dtype, &shape, &bytes))
+                .collect();
+            match s.run(&views) {
+                Ok(out) => {
+                    answered += 1;
+                    assert_eq!(out.len(), m.info().outputs.len());
+                }
+                Err(Error::InvalidInput(_) | Error::BatchTooLarge { .. }) => refused += 1,
+                Err(e) => panic!("{variant}, case {case}: {tensors} × {shape:?} {dtype}: {e}"),
+            }
+        }
+        assert!(
+            answered > 0 && refused > 0,
+            "{variant}: {answered} answered, {refused} refused"
+        );
+        let x = vec![0f32; good.iter().product()];
+        if declared.dtype == DType::F32 {
+            assert!(s.run(&[TensorView::new(&good, &x)]).is_ok(), "{variant}");
+        }
+    }
+}
+
 #[test]
 fn models_and_sessions_cross_threads() {
     fn send_sync<T: Send + Sync>() {}
@@ -503,7 +589,8 @@ fn tern_adds_no_allocation_to_tracts_own_per_run() {
     for variant in ["digits", "digits-int8-qop", "resblock"] {
         for shape in [[1usize, 1, 8, 8], [8, 1, 8, 8]] {
             let raw = raw_tract_allocations(&model_path(variant), &shape, 50);
-            // The same graph as raw tract's: Tern's session layer must add nothing.
+            // Tract's graph, but for Tern's saturating QuantizeLinear (int8 models only; it
+            // allocates less than tract's): Tern's session layer must add nothing.
             let same_graph = ModelOptions {
                 int8_kernels: false,
                 ..ModelOptions::default()
@@ -518,11 +605,15 @@ fn tern_adds_no_allocation_to_tracts_own_per_run() {
                 tern / 50,
                 fused / 50
             );
-            assert_eq!(
-                tern, raw,
+            let what = format!(
                 "{variant} batch {}: tern {tern} vs raw tract {raw} allocations in 50 runs",
                 shape[0]
             );
+            if variant.contains("int8") {
+                assert!(tern <= raw, "{what}");
+            } else {
+                assert_eq!(tern, raw, "{what}");
+            }
             assert!(
                 fused <= raw,
                 "{variant}: int8 kernels allocate more ({fused} > {raw})"

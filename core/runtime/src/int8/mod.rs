@@ -14,8 +14,10 @@
 
 mod kernels;
 mod lut;
+mod quantize;
 
 pub(crate) use lut::fuse as fuse_islands;
+pub(crate) use quantize::fix as fix_quantize;
 
 use std::cell::RefCell;
 use std::sync::Arc;

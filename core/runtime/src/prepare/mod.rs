@@ -331,6 +331,11 @@ pub(crate) fn compile(
             .map_err(|e| Error::Prepare(format!("fusing int8 activations: {}", chain(&e))))?;
         log::debug!("{tables} float islands between 8-bit tensors became lookup tables");
     }
+    // After the islands (which end in QuantizeLinear and become tables whole). A correctness
+    // fix, kept whatever the kernels: see `int8/quantize.rs`.
+    let fixed = crate::int8::fix_quantize(&mut typed)
+        .map_err(|e| Error::Prepare(format!("replacing QuantizeLinear: {}", chain(&e))))?;
+    log::debug!("{fixed} QuantizeLinear nodes saturate in Tern's op");
     if log::log_enabled!(log::Level::Trace) {
         for node in typed.nodes() {
             let facts: Vec<String> = node

@@ -1,0 +1,152 @@
+//! `QuantizeLinear` from f32 that saturates for every input.
+//!
+//! tract 0.23.9 computes `round(x · scale) as i32 + zero_point` and then clamps: for a value
+//! whose product passes `i32::MAX` (a model input of 1e38, say) the cast saturates and the
+//! addition overflows, which panics in builds with overflow checks and wraps in release, so that
+//! a huge positive input quantizes to 0 instead of 255. The replacement adds in i64 with
+//! saturation; NaN maps to the zero point as in tract.
+
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::math::round_ties_to_even;
+use tract_onnx::tract_core::ops::quant::{QuantizeLinearI8, QuantizeLinearU8};
+
+#[derive(Debug, Clone)]
+pub(crate) struct Quantize {
+    /// Multiplier (tract stores 1 / the ONNX scale).
+    scale: f32,
+    zero_point: i32,
+    out_dt: DatumType,
+}
+
+impl Quantize {
+    fn range(&self) -> (i64, i64) {
+        if self.out_dt.unquantized() == DatumType::I8 {
+            (i8::MIN as i64, i8::MAX as i64)
+        } else {
+            (0, u8::MAX as i64)
+        }
+    }
+
+    pub(crate) fn quantize(&self, x: f32) -> i64 {
+        let (lo, hi) = self.range();
+        // f32 → i64 saturates, and NaN becomes 0.
+        let r = round_ties_to_even(x * self.scale) as i64;
+        r.saturating_add(self.zero_point as i64).clamp(lo, hi)
+    }
+}
+
+// By bits: tract compares ops for equality, and an f32 field has no `Eq`.
+impl PartialEq for Quantize {
+    fn eq(&self, other: &Self) -> bool {
+        self.scale.to_bits() == other.scale.to_bits()
+            && self.zero_point == other.zero_point
+            && self.out_dt == other.out_dt
+    }
+}
+
+impl Eq for Quantize {}
+
+impl std::hash::Hash for Quantize {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.scale.to_bits().hash(state);
+        self.zero_point.hash(state);
+        self.out_dt.hash(state);
+    }
+}
+
+impl Op for Quantize {
+    fn name(&self) -> StaticName {
+        "TernQuantize".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Quantize {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let xs = x.try_as_plain_ram()?.as_slice::<f32>()?;
+        // SAFETY: every byte is written below.
+        let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt, x.shape())? };
+        for (o, &v) in out.as_bytes_mut().iter_mut().zip(xs) {
+            *o = self.quantize(v) as u8;
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for Quantize {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(self.out_dt.fact(inputs[0].shape.clone())))
+    }
+}
+
+/// Replaces tract's f32 → u8/i8 `QuantizeLinear` nodes; returns how many.
+pub(crate) fn fix(model: &mut TypedModel) -> TractResult<usize> {
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(ew) = node.op_as::<ElementWiseOp>() else {
+            continue;
+        };
+        if model.outlet_fact(node.inputs[0])?.datum_type != DatumType::F32 {
+            continue;
+        }
+        let (scale, zero_point) = if let Some(q) = ew.0.downcast_ref::<QuantizeLinearU8>() {
+            (q.scale, q.zero_point as i32)
+        } else if let Some(q) = ew.0.downcast_ref::<QuantizeLinearI8>() {
+            (q.scale, q.zero_point as i32)
+        } else {
+            continue;
+        };
+        let op = Quantize {
+            scale,
+            zero_point,
+            out_dt: node.outputs[0].fact.datum_type,
+        };
+        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, op)?;
+        patch.apply(model)?;
+        done += 1;
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_float_saturates_to_the_8_bit_range() {
+        let u8q = Quantize {
+            scale: 10.0,
+            zero_point: 128,
+            out_dt: DatumType::U8,
+        };
+        let i8q = Quantize {
+            scale: 10.0,
+            zero_point: -3,
+            out_dt: DatumType::I8,
+        };
+        for (x, u, i) in [
+            (0.0, 128, -3),
+            (1.26, 141, 10),
+            // Ties go to even, as in ONNX.
+            (1.25, 140, 9),
+            (-0.05, 128, -3),
+            (1e38, 255, 127),
+            (f32::INFINITY, 255, 127),
+            (f32::MAX, 255, 127),
+            (-1e38, 0, -128),
+            (f32::NEG_INFINITY, 0, -128),
+            (f32::NAN, 128, -3),
+        ] {
+            assert_eq!(u8q.quantize(x), u, "u8 {x}");
+            assert_eq!(i8q.quantize(x), i, "i8 {x}");
+        }
+    }
+}
