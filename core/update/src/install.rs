@@ -117,13 +117,13 @@ pub fn restore(root: &Path, name: &str, version: u32) -> Result<bool, UpdateErro
     Ok(true)
 }
 
-/// The manifest of an installed (`Some(true)` for pending) version, if the fleet installed it.
 /// Records `manifest` beside the model in a version's directory, durably.
 pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), UpdateError> {
     write_durably(&dir.join(MANIFEST_FILE), &crate::encode_manifest(manifest))?;
     sync_dir(dir)
 }
 
+/// The manifest of an installed (`Some(true)` for pending) version, if the fleet installed it.
 pub fn installed_manifest(dir: &Path) -> Option<Manifest> {
     let bytes = std::fs::read(dir.join(MANIFEST_FILE)).ok()?;
     crate::decode_manifest(&bytes).ok()
