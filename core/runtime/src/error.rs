@@ -76,6 +76,18 @@ impl Error {
     }
 }
 
+impl From<tern_tensor::TensorError> for Error {
+    fn from(e: tern_tensor::TensorError) -> Error {
+        match e {
+            tern_tensor::TensorError::Invalid(m) => Error::InvalidInput(m),
+            tern_tensor::TensorError::BatchTooLarge { got, max } => {
+                Error::BatchTooLarge { got, max }
+            }
+            tern_tensor::TensorError::Io { path, source } => Error::Io { path, source },
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Formats a tract (anyhow) error with its whole context chain on one line.

@@ -20,10 +20,8 @@ mod error;
 mod inspect;
 mod int8;
 mod model;
-pub mod npy;
 mod prepare;
 mod run;
-mod tensor;
 
 pub use batch::{
     BatchConfig, BatchStats, Batcher, FailureReason, Histogram, RequestOptions, Response,
@@ -34,4 +32,10 @@ pub use inspect::{ExecPrecision, HeavyOp, Inspection, PlanKind, PlanReport};
 pub use model::{Device, Model, ModelOptions, PinnedInput, PlanMode, Precision};
 pub use prepare::ModelInfo;
 pub use run::{Outputs, Session};
-pub use tensor::{DType, Dim, Element, Tensor, TensorInfo, TensorView};
+pub use tern_tensor::{npy, DType, Dim, Element, Tensor, TensorInfo, TensorView};
+
+/// The tensor vocabulary lives in `tern-tensor` (no executor attached); `crate::tensor` keeps
+/// the paths inside tern-core short.
+mod tensor {
+    pub(crate) use tern_tensor::*;
+}

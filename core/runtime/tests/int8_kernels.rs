@@ -143,10 +143,20 @@ fn top1(v: &[f32], classes: usize) -> Vec<usize> {
 #[test]
 fn quantized_mobilenet_runs_every_convolution_on_tern_kernels_and_matches_onnxruntime() {
     let input = npy::read_file(mobilenet("input.npy")).unwrap();
-    for (file, convs) in [("int8-qdq", 54), ("int8-qop", 52)] {
+    // Tables: h-swish and h-sigmoid on one input; the residual `Add`s and the
+    // squeeze-and-excitation `Mul`s on two.
+    for (file, convs, tables) in [
+        ("int8-qdq", 54, "(28 of one input, 16 of two)"),
+        ("int8-qop", 52, "(22 of one input, 12 of two)"),
+    ] {
         let model =
             Model::load(mobilenet(&format!("{file}.onnx")), &ModelOptions::default()).unwrap();
         let inspection = model.inspection();
+        assert!(
+            inspection.rewrites.iter().any(|r| r.ends_with(tables)),
+            "{file}: {:?}",
+            inspection.rewrites
+        );
         let tern = inspection
             .heavy
             .iter()
@@ -164,6 +174,7 @@ fn quantized_mobilenet_runs_every_convolution_on_tern_kernels_and_matches_onnxru
             .zip(&expected)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
+        eprintln!("{file}: max |diff| from onnxruntime {worst}");
         assert!(worst < 1e-4, "{file}: max |diff| {worst}");
         assert_eq!(top1(&got, classes), top1(&expected, classes), "{file}");
     }

@@ -25,7 +25,6 @@ use window::{Entry, Rejection, Window, WindowConfig};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::run::validate;
 use crate::tensor::{Dim, TensorView};
 
 /// Batching knobs (Triton's names where they exist).
@@ -300,7 +299,7 @@ impl Batcher {
     ) -> Result<u32> {
         let sh = &*self.shared;
         let info = sh.model.info();
-        let rows = validate(&info.inputs, info.max_batch, inputs)?;
+        let rows = crate::tensor::check_inputs(&info.inputs, info.max_batch, inputs)?;
         // An unbatchable model runs each request whole, as one entry.
         let rows = if sh.batchable { rows } else { 1 };
         let max_batch = sh.max_batch;

@@ -682,23 +682,7 @@ pub(crate) fn depthwise_portable(
 mod tests {
     use super::*;
 
-    /// A small deterministic generator, so a failure names a reproducible case.
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (self.0 >> 33) as u32
-        }
-        fn below(&mut self, n: usize) -> usize {
-            self.next() as usize % n
-        }
-        fn byte(&mut self) -> u8 {
-            self.next() as u8
-        }
-    }
+    use crate::int8::Lcg;
 
     /// The definition, with none of the kernels' layout tricks.
     #[allow(clippy::too_many_arguments)]

@@ -492,6 +492,28 @@ pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<Vec<(String, Kernel)>>
     Ok(fused)
 }
 
+/// A small deterministic generator for the kernels' tests, so a failure names a reproducible
+/// case.
+#[cfg(test)]
+pub(crate) struct Lcg(pub(crate) u64);
+
+#[cfg(test)]
+impl Lcg {
+    pub(crate) fn next(&mut self) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        self.next() as usize % n
+    }
+    pub(crate) fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

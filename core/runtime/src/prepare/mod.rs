@@ -327,9 +327,13 @@ pub(crate) fn compile(
         started.elapsed() - analysed
     );
     if compile.int8_kernels {
+        let started = Instant::now();
         let tables = crate::int8::fuse_islands(&mut typed)
             .map_err(|e| Error::Prepare(format!("fusing int8 activations: {}", chain(&e))))?;
-        log::debug!("{tables} float islands between 8-bit tensors became lookup tables");
+        log::debug!(
+            "{tables} float islands between 8-bit tensors became lookup tables in {:.1?}",
+            started.elapsed()
+        );
     }
     // After the islands (which end in QuantizeLinear and become tables whole). A correctness
     // fix, kept whatever the kernels: see `int8/quantize.rs`.
@@ -1063,12 +1067,22 @@ fn inspect(
             }
         }
     }
+    let mut rewrites = vec![];
+    let count = |name: &str| nodes.iter().filter(|n| n.op.name() == name).count();
+    let (one, two) = (count("TernLut"), count("TernLut2"));
+    if one + two > 0 {
+        rewrites.push(format!(
+            "{} element-wise float islands between 8-bit tensors run as lookup tables ({one} of \
+             one input, {two} of two)",
+            one + two
+        ));
+    }
     Inspection {
         op_histogram: census.0.clone(),
         parameter_bytes: census.1,
         heavy,
         plan,
-        rewrites: vec![],
+        rewrites,
         device: Device::Cpu,
         device_note: None,
     }

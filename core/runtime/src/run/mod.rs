@@ -2,5 +2,4 @@
 
 mod session;
 
-pub(crate) use session::validate;
 pub use session::{Outputs, Session};

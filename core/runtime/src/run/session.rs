@@ -1,4 +1,3 @@
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use tract_onnx::prelude::{
@@ -8,7 +7,8 @@ use tract_onnx::prelude::{
 use crate::error::{catch, chain, Error, Result};
 use crate::model::Model;
 use crate::prepare::Plans;
-use crate::tensor::{fmt_shape, DType, Dim, Tensor, TensorInfo, TensorView};
+use crate::tensor::check_inputs;
+use crate::tensor::{Dim, Tensor, TensorInfo, TensorView};
 
 /// Per-worker run state for one [`Model`]: tract's state plus reusable input buffers.
 ///
@@ -87,7 +87,7 @@ impl Session {
         } = self;
         let prepared = &*model.inner;
         let info = &prepared.info;
-        let rows = validate(&info.inputs, info.max_batch, inputs)?;
+        let rows = check_inputs(&info.inputs, info.max_batch, inputs)?;
         let concrete = match &prepared.plans {
             Plans::Concrete(c) => Some(c),
             Plans::Symbolic(_) => None,
@@ -216,9 +216,9 @@ impl Session {
                     },
                 }
             }
-            let bytes = shape
-                .iter()
-                .try_fold(input.dtype.size(), |acc, &d| acc.checked_mul(d))
+            let bytes = input
+                .dtype
+                .byte_len(&shape)
                 .filter(|&b| b <= MAX_SYNTHETIC_INPUT_BYTES)
                 .ok_or_else(|| {
                     Error::Prepare(format!(
@@ -257,93 +257,6 @@ impl Session {
 /// Largest input the warm-up and the load-time probe make up: a model declaring absurd sizes
 /// gets an error, not an allocation that takes the process down.
 const MAX_SYNTHETIC_INPUT_BYTES: usize = 1 << 30;
-
-/// Checks inputs against the declared ones and returns the batch size (1 without a batch
-/// dimension). Allocates only to write an error message.
-pub(crate) fn validate(
-    declared: &[TensorInfo],
-    max_batch: Option<usize>,
-    inputs: &[TensorView<'_>],
-) -> Result<usize> {
-    if inputs.len() != declared.len() {
-        let mut names = String::new();
-        for (i, d) in declared.iter().enumerate() {
-            let _ = write!(names, "{}`{}`", if i > 0 { ", " } else { "" }, d.name);
-        }
-        return Err(Error::InvalidInput(format!(
-            "expected {} input(s) ({names}), got {}",
-            declared.len(),
-            inputs.len()
-        )));
-    }
-    let mut batch: Option<usize> = None;
-    for (d, v) in declared.iter().zip(inputs) {
-        let mismatch = || {
-            let mut got = String::new();
-            let _ = fmt_shape(&mut got, v.shape().iter());
-            let mut want = String::new();
-            let _ = fmt_shape(&mut want, d.shape.iter());
-            Error::InvalidInput(format!(
-                "input `{}`: expected shape {want} {}, got {got} {}",
-                d.name,
-                d.dtype,
-                v.dtype()
-            ))
-        };
-        if v.dtype() != d.dtype || v.shape().len() != d.shape.len() {
-            return Err(mismatch());
-        }
-        for (dim, &got) in d.shape.iter().zip(v.shape()) {
-            match dim {
-                Dim::Fixed(n) if *n != got => return Err(mismatch()),
-                Dim::Batch(_) => {
-                    if got == 0 {
-                        return Err(Error::InvalidInput(format!(
-                            "input `{}`: batch size must be at least 1",
-                            d.name
-                        )));
-                    }
-                    if let Some(max) = max_batch.filter(|m| got > *m) {
-                        return Err(Error::BatchTooLarge { got, max });
-                    }
-                    match batch {
-                        Some(b) if b != got => {
-                            return Err(Error::InvalidInput(format!(
-                                "input `{}`: batch size {got} differs from {b} in the other inputs",
-                                d.name
-                            )))
-                        }
-                        _ => batch = Some(got),
-                    }
-                }
-                _ => {}
-            }
-        }
-        let expected = v
-            .shape()
-            .iter()
-            .try_fold(d.dtype.size(), |acc, &x| acc.checked_mul(x));
-        if expected != Some(v.bytes().len()) {
-            return Err(Error::InvalidInput(format!(
-                "input `{}`: shape {:?} {} needs {} bytes, got {}",
-                d.name,
-                v.shape(),
-                d.dtype,
-                expected
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "more than addressable".into()),
-                v.bytes().len()
-            )));
-        }
-        if d.dtype == DType::Bool && v.bytes().iter().any(|&b| b > 1) {
-            return Err(Error::InvalidInput(format!(
-                "input `{}`: bool elements must be 0 or 1",
-                d.name
-            )));
-        }
-    }
-    Ok(batch.unwrap_or(1))
-}
 
 /// Outputs of the last [`Session::run`], borrowed from the session without copying.
 #[derive(Debug)]

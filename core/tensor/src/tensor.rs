@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use crate::error::{Error, Result};
+use crate::error::{TensorError, TensorResult as Result};
 
 /// Element type of a model input or output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -39,6 +39,22 @@ impl DType {
             DType::I8 | DType::U8 | DType::Bool => 1,
             DType::I64 => 8,
         }
+    }
+
+    /// Bytes a dense tensor of `shape` takes, or `None` when the product of its non-zero
+    /// dimensions (times the element size) is beyond `usize`. Such a shape is refused even when
+    /// another dimension is 0: the answer must not depend on the order of the dimensions.
+    pub fn byte_len(self, shape: &[usize]) -> Option<usize> {
+        let mut bytes = self.size();
+        let mut empty = false;
+        for &d in shape {
+            if d == 0 {
+                empty = true;
+            } else {
+                bytes = bytes.checked_mul(d)?;
+            }
+        }
+        Some(if empty { 0 } else { bytes })
     }
 
     pub fn name(self) -> &'static str {
@@ -218,21 +234,21 @@ impl<'a> TensorView<'a> {
     /// session outputs always are).
     pub fn as_slice<T: Element>(&self) -> Result<&'a [T]> {
         if T::DTYPE != self.dtype {
-            return Err(Error::InvalidInput(format!(
+            return Err(TensorError::Invalid(format!(
                 "tensor is {}, not {}",
                 self.dtype,
                 T::DTYPE
             )));
         }
         bytemuck::try_cast_slice(self.data).map_err(|e| {
-            Error::InvalidInput(format!("cannot view tensor bytes as {}: {e}", T::DTYPE))
+            TensorError::Invalid(format!("cannot view tensor bytes as {}: {e}", T::DTYPE))
         })
     }
 
     /// Copies the elements into a vector, whatever the alignment of the bytes.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         if T::DTYPE != self.dtype {
-            return Err(Error::InvalidInput(format!(
+            return Err(TensorError::Invalid(format!(
                 "tensor is {}, not {}",
                 self.dtype,
                 T::DTYPE
@@ -262,15 +278,13 @@ impl Tensor {
     /// Builds a tensor, checking that the byte length matches shape and type.
     pub fn from_bytes(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Result<Tensor> {
         // Checked: shapes come from the network and the FFI; a wrapped product could match.
-        let expected = shape
-            .iter()
-            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d));
+        let expected = dtype.byte_len(&shape);
         if expected != Some(data.len()) {
             let expected =
                 expected.map_or_else(|| "more than usize::MAX".into(), |n| n.to_string());
             let mut s = String::new();
             let _ = fmt_shape(&mut s, shape.iter());
-            return Err(Error::InvalidInput(format!(
+            return Err(TensorError::Invalid(format!(
                 "tensor {s} {dtype} needs {expected} bytes, got {}",
                 data.len()
             )));
@@ -334,6 +348,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("24 bytes") && err.contains("got 20"), "{err}");
+    }
+
+    #[test]
+    fn byte_lengths_do_not_depend_on_the_order_of_dimensions() {
+        let huge = usize::MAX / 2 + 1;
+        assert_eq!(DType::F32.byte_len(&[2, 3]), Some(24));
+        assert_eq!(DType::F32.byte_len(&[]), Some(4));
+        assert_eq!(DType::U8.byte_len(&[0, 7]), Some(0));
+        assert_eq!(DType::F32.byte_len(&[huge, 0]), None);
+        assert_eq!(DType::F32.byte_len(&[0, huge]), None);
+        assert_eq!(DType::U8.byte_len(&[huge, 0]), Some(0));
     }
 
     #[test]
