@@ -359,42 +359,6 @@ fn table(model: &TypedModel, nodes: &[usize], sources: &[OutletId]) -> TractResu
     Ok(out.as_bytes().to_vec())
 }
 
-/// A two-byte table whose inputs are one tensor and a one-byte table of that same tensor
-/// (h-swish: `x · q(h-sigmoid(x))`), or two tables of it, is a function of one byte.
-fn compose(model: &mut TypedModel) -> TractResult<()> {
-    for id in model.eval_order()? {
-        let Some(lut2) = model.node(id).op_as::<Lut2>() else {
-            continue;
-        };
-        // Each input as (the tensor under it, the table applied to it, if any).
-        let base = |outlet: OutletId| match model.node(outlet.node).op_as::<Lut>() {
-            Some(l) => (model.node(outlet.node).inputs[0], Some(l.table.clone())),
-            None => (outlet, None),
-        };
-        let inputs = &model.node(id).inputs;
-        let ((a, ta), (b, tb)) = (base(inputs[0]), base(inputs[1]));
-        if a != b {
-            continue;
-        }
-        let mut table = Box::new([0u8; 256]);
-        for v in 0..=255u8 {
-            let major = ta.as_ref().map_or(v, |t| t[v as usize]);
-            let minor = tb.as_ref().map_or(v, |t| t[v as usize]);
-            table[v as usize] = lut2.table[(major as usize) << 8 | minor as usize];
-        }
-        let op = Lut {
-            table,
-            out_dt: lut2.out_dt,
-        };
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, a)?;
-        let y = patch.wire_node(format!("{}.composed", model.node(id).name), op, &[x])?;
-        patch.shunt_outside(model, OutletId::new(id, 0), y[0])?;
-        patch.apply(model)?;
-    }
-    Ok(())
-}
-
 /// Replaces every float island between 8-bit tensors by a table; returns how many tables run.
 pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
     model.compact()?;
@@ -435,7 +399,6 @@ pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
         patch.shunt_outside(model, OutletId::new(end, 0), y[0])?;
         patch.apply(model)?;
     }
-    compose(model)?;
     // Drops what the tables replaced (tables absorbed by later ones included), so that
     // inspection counts only what runs.
     model.compact()?;
