@@ -218,3 +218,18 @@ fn keygen_then_a_bad_key_file_gives_clear_errors() {
     assert!(!ok);
     assert!(err.contains("tern-ed25519-secret-v1"), "{err}");
 }
+
+/// `--device cuda` runs on the GPU in a build with the `cuda` feature (on the CPU, saying why,
+/// when there is no usable GPU) and is refused with the fix in a build without it.
+#[test]
+fn device_cuda_uses_the_gpu_falls_back_with_a_reason_or_is_refused() {
+    let (ok, stdout, stderr) = tern(&["inspect", "models/digits/1/model.onnx", "--device", "cuda"]);
+    if cfg!(feature = "cuda") {
+        assert!(ok, "{stderr}");
+        let fell_back = stdout.contains("device: cpu (CUDA was asked for but is unavailable");
+        assert!(fell_back || stdout.contains("device: cuda"), "{stdout}");
+    } else {
+        assert!(!ok, "{stdout}");
+        assert!(stderr.contains("--features cuda"), "{stderr}");
+    }
+}
