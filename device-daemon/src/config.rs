@@ -175,6 +175,9 @@ pub struct ModelConfig {
     /// `cpu`, or `cuda` (needs ternd built with `--features cuda`; runs on the CPU, with a
     /// warning, where no GPU is usable).
     pub device: DeviceName,
+    /// tract's graph-wide axis rewrites while preparing; `false` prepares conv nets 2–4×
+    /// faster (quicker restarts and hot swaps), see BENCHMARKS.md.
+    pub axis_rewrites: bool,
 }
 
 /// An executor setting named in a config file (`plans = "concrete"`, `device = "cuda"`),
@@ -370,6 +373,7 @@ impl Default for ModelConfig {
             plans: Plans::default(),
             plan_cache: 8,
             device: DeviceName::default(),
+            axis_rewrites: true,
         }
     }
 }
@@ -503,6 +507,7 @@ impl ModelConfig {
                 .collect(),
             plan_cache: self.plan_cache.max(1),
             device: self.device.0,
+            axis_rewrites: self.axis_rewrites,
             ..Default::default()
         }
     }

@@ -45,6 +45,10 @@ pub struct ModelOptions {
     pub plan_cache: usize,
     /// Where the model runs.
     pub device: Device,
+    /// Let tract move and remove axes across the whole graph while preparing (on by default).
+    /// Off, conv nets prepare 2–4× faster (MobileNetV3: declutter 104 → 25 ms) and ran as fast
+    /// in every measurement; graphs full of reshapes and transposes may run slower without it.
+    pub axis_rewrites: bool,
 }
 
 /// Where a model runs.
@@ -184,6 +188,7 @@ impl Default for ModelOptions {
             batch_sizes: vec![],
             plan_cache: 8,
             device: Device::Cpu,
+            axis_rewrites: true,
         }
     }
 }

@@ -363,3 +363,22 @@ fn a_model_declaring_absurd_sizes_is_refused_at_warm_up_not_allocated() {
         "{err}"
     );
 }
+
+/// The fast-preparing option (no axis rewrites) on every export: the same answers.
+#[test]
+fn every_export_matches_onnxruntime_without_axis_rewrites() {
+    let options = ModelOptions {
+        axis_rewrites: false,
+        ..Default::default()
+    };
+    let mut models: BTreeMap<String, Model> = BTreeMap::new();
+    for (name, case) in &cases() {
+        let model = models.entry(name.clone()).or_insert_with(|| {
+            Model::load(export(name), &options).unwrap_or_else(|e| panic!("{name}: {e}"))
+        });
+        let input = data(&format!("{name}.{case}.input.npy"));
+        let expected = data(&format!("{name}.{case}.output.npy"));
+        let diff = max_abs_diff(&run(model, &input), &expected);
+        assert!(diff <= TOLERANCE, "{name}.{case}: max abs diff {diff}");
+    }
+}

@@ -77,6 +77,7 @@ pub(crate) struct Compile {
     threads: usize,
     device: Device,
     int8_kernels: bool,
+    axis_rewrites: bool,
 }
 
 pub(crate) fn prepare(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
@@ -127,6 +128,7 @@ fn prepare_inner(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
         threads: options.threads,
         device,
         int8_kernels: options.int8_kernels,
+        axis_rewrites: options.axis_rewrites,
     };
     // Declared value_info and output shapes carry a fixed batch of 1 when the batch was forced;
     // they would then fail to unify with the symbol, and tract re-derives them anyway.
@@ -318,9 +320,8 @@ pub(crate) fn compile(
             .map_err(|e| Error::Prepare(format!("fusing int8 convolutions: {}", chain(&e))))?;
     }
     let analysed = started.elapsed();
-    let mut typed = typed
-        .into_decluttered()
-        .map_err(|e| Error::Prepare(chain(&e)))?;
+    let mut typed = typed;
+    declutter(&mut typed, compile.axis_rewrites).map_err(|e| Error::Prepare(chain(&e)))?;
     log::debug!(
         "tract import {imported:.1?}, typing {:.1?}, declutter {:.1?}",
         analysed - imported,
@@ -359,10 +360,24 @@ pub(crate) fn compile(
     if compile.precision == Precision::F16 {
         FloatPrecisionTranslator::new(DatumType::F32, DatumType::F16)
             .transform(&mut typed)
-            .and_then(|_| typed.declutter())
+            .and_then(|_| declutter(&mut typed, compile.axis_rewrites))
             .map_err(|e| Error::Prepare(format!("converting to f16: {}", chain(&e))))?;
     }
     Ok(typed)
+}
+
+/// tract's declutter, optionally without its `ChangeAxes` pass. That pass tries every axis
+/// change on every wire and applies them one patch at a time; on MobileNetV3 it is three
+/// quarters of the declutter (squeeze-and-excitation branches lose their 1×1 axes op by op).
+fn declutter(typed: &mut TypedModel, axis_rewrites: bool) -> TractResult<()> {
+    let mut optimizer = tract_onnx::tract_core::optim::Optimizer::declutter();
+    if !axis_rewrites {
+        // The pass types are private to tract; their Debug names are the handle it gives.
+        optimizer
+            .passes
+            .retain(|p| !format!("{p:?}").starts_with("ChangeAxes"));
+    }
+    optimizer.optimize(typed)
 }
 
 /// The device a model asked for runs on, or the CPU with the reason.
