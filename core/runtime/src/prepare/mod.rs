@@ -320,7 +320,6 @@ pub(crate) fn compile(
             .map_err(|e| Error::Prepare(format!("fusing int8 convolutions: {}", chain(&e))))?;
     }
     let analysed = started.elapsed();
-    let mut typed = typed;
     declutter(&mut typed, compile.axis_rewrites).map_err(|e| Error::Prepare(chain(&e)))?;
     log::debug!(
         "tract import {imported:.1?}, typing {:.1?}, declutter {:.1?}",
