@@ -82,16 +82,16 @@ fn plans(mode: PlanMode) -> ModelOptions {
 /// Max abs difference to onnxruntime: f32 models differ by summation order only.
 const TOLERANCE: f32 = 1e-4;
 
-#[test]
-fn every_export_matches_onnxruntime_with_default_options() {
+/// Every case of the corpus against onnxruntime's outputs; the models and each one's worst
+/// difference.
+fn check_every_case(options: &ModelOptions) -> (BTreeMap<String, Model>, BTreeMap<String, f32>) {
     let cases = cases();
     assert!(cases.len() >= 9, "corpus missing: {cases:?}");
     let mut models: BTreeMap<String, Model> = BTreeMap::new();
     let mut worst: BTreeMap<String, f32> = BTreeMap::new();
     for (name, case) in &cases {
         let model = models.entry(name.clone()).or_insert_with(|| {
-            Model::load(export(name), &ModelOptions::default())
-                .unwrap_or_else(|e| panic!("{name}: {e}"))
+            Model::load(export(name), options).unwrap_or_else(|e| panic!("{name}: {e}"))
         });
         let input = data(&format!("{name}.{case}.input.npy"));
         let expected = data(&format!("{name}.{case}.output.npy"));
@@ -106,6 +106,12 @@ fn every_export_matches_onnxruntime_with_default_options() {
         let w = worst.entry(name.clone()).or_default();
         *w = w.max(diff);
     }
+    (models, worst)
+}
+
+#[test]
+fn every_export_matches_onnxruntime_with_default_options() {
+    let (models, worst) = check_every_case(&ModelOptions::default());
     eprintln!("max abs diff vs onnxruntime: {worst:?}");
     // What each pattern needs. A shape computed through int32 defeats tract's symbols, and so
     // does the Resize to a run-time size (tract types it once the declared `Ho` is ignored, but
@@ -367,18 +373,8 @@ fn a_model_declaring_absurd_sizes_is_refused_at_warm_up_not_allocated() {
 /// The fast-preparing option (no axis rewrites) on every export: the same answers.
 #[test]
 fn every_export_matches_onnxruntime_without_axis_rewrites() {
-    let options = ModelOptions {
+    check_every_case(&ModelOptions {
         axis_rewrites: false,
         ..Default::default()
-    };
-    let mut models: BTreeMap<String, Model> = BTreeMap::new();
-    for (name, case) in &cases() {
-        let model = models.entry(name.clone()).or_insert_with(|| {
-            Model::load(export(name), &options).unwrap_or_else(|e| panic!("{name}: {e}"))
-        });
-        let input = data(&format!("{name}.{case}.input.npy"));
-        let expected = data(&format!("{name}.{case}.output.npy"));
-        let diff = max_abs_diff(&run(model, &input), &expected);
-        assert!(diff <= TOLERANCE, "{name}.{case}: max abs diff {diff}");
-    }
+    });
 }
