@@ -95,24 +95,28 @@ fn pair(lo: i16, hi: i16) -> i32 {
     (lo as u16 as u32 | ((hi as u16 as u32) << 16)) as i32
 }
 
-/// Lays `k × n` (row-major, `rows`) out as panels of [`NR`] columns, each k-pair of a column as
-/// two adjacent i16, converting each value with `value` (zero point subtracted).
-pub(crate) fn pack_b<T: Copy>(
-    rows: &[T],
-    k: usize,
-    n: usize,
-    value: impl Fn(T) -> i16,
-    out: &mut Vec<i16>,
-) {
+/// Lays `k × n` bytes (row-major) out as panels of [`NR`] columns, each k-pair of a column as
+/// two adjacent i16 values `(b ^ flip) - x0`.
+pub(crate) fn pack_b(rows: &[u8], k: usize, n: usize, flip: u8, x0: i16, out: &mut Vec<i16>) {
     debug_assert_eq!(rows.len(), k * n);
     let kp = k.div_ceil(2);
     let panels = n.div_ceil(NR);
     out.clear();
     out.resize(panels * kp * NR * 2, 0);
+    // Whole panels of both rows of a pair, where the SIMD path took them.
+    let (mut fast_pairs, mut fast_panels) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2() {
+        (fast_pairs, fast_panels) = (k / 2, n / NR);
+        // SAFETY: AVX2 was detected on this CPU.
+        unsafe { avx2::pack_b(rows, k, n, flip, x0, out) };
+    }
+    let value = |b: u8| (b ^ flip) as i16 - x0;
     for p in 0..kp {
         let r0 = &rows[2 * p * n..][..n];
         let r1 = (2 * p + 1 < k).then(|| &rows[(2 * p + 1) * n..][..n]);
-        for panel in 0..panels {
+        let first_panel = if p < fast_pairs { fast_panels } else { 0 };
+        for panel in first_panel..panels {
             let first = panel * NR;
             let cols = NR.min(n - first);
             let dst = &mut out[(panel * kp + p) * NR * 2..][..cols * 2];
@@ -134,6 +138,39 @@ pub(crate) fn pack_b<T: Copy>(
                 }
             }
         }
+    }
+}
+
+/// Splits a row of bytes by column parity, each byte XOR `flip`: columns 0, 2, 4, … to
+/// `even`, 1, 3, 5, … to `odd`, as many as each destination holds.
+pub(crate) fn deal2(src: &[u8], flip: u8, even: &mut [u8], odd: &mut [u8]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2() {
+        // SAFETY: AVX2 was detected on this CPU.
+        done = unsafe { avx2::deal2(src, flip, even, odd) };
+    }
+    for (x, &b) in src.iter().enumerate().skip(done) {
+        let dst = if x % 2 == 0 { &mut *even } else { &mut *odd };
+        if let Some(d) = dst.get_mut(x / 2) {
+            *d = b ^ flip;
+        }
+    }
+}
+
+/// `dst.copy_from_slice(&src[..dst.len()])` for short rows: whole 32-byte blocks are inlined
+/// moves, where a copy of a variable length is a call to `memmove` (5% of a small quantized
+/// network's time went to such calls for rows of ~100 bytes).
+#[inline(always)]
+pub(crate) fn copy_row(dst: &mut [u8], src: &[u8]) {
+    let src = &src[..dst.len()];
+    let mut d = dst.chunks_exact_mut(32);
+    let mut s = src.chunks_exact(32);
+    for (a, b) in (&mut d).zip(&mut s) {
+        a.copy_from_slice(b);
+    }
+    for (a, b) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *a = *b;
     }
 }
 
@@ -344,16 +381,94 @@ mod avx2 {
                         c[2 * r + 1] = _mm256_add_epi32(c[2 * r + 1], _mm256_madd_epi16(w, b1));
                     }
                 }
-                let mut tile = [[0u8; NR]; MR];
+                let col0 = panel_n * NR;
                 for r in 0..rows {
                     let row = panel_m * MR + r;
                     let bytes = requant16(c[2 * r], c[2 * r + 1], bias[row], scale[row], &k);
-                    // SAFETY: the tile row is 16 bytes.
-                    unsafe { _mm_storeu_si128(tile[r].as_mut_ptr() as *mut __m128i, bytes) };
+                    store16(bytes, &mut out[row * n + col0..][..NR.min(n - col0)]);
                 }
-                store_tile(&tile, panel_m * MR, panel_n * NR, a.m, n, out);
             }
         }
+    }
+
+    /// The first `dst.len()` (at most 16) of 16 bytes: one store for a whole row of a tile,
+    /// where a `copy_from_slice` of a variable length would be a call to `memmove`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn store16(bytes: __m128i, dst: &mut [u8]) {
+        if dst.len() == 16 {
+            // SAFETY: `dst` is 16 bytes.
+            unsafe { _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, bytes) };
+        } else {
+            let mut tmp = [0u8; 16];
+            // SAFETY: `tmp` is 16 bytes.
+            unsafe { _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, bytes) };
+            let n = dst.len();
+            dst.copy_from_slice(&tmp[..n]);
+        }
+    }
+
+    /// [`super::pack_b`] for every pair of rows and every whole panel: 16 bytes of each row
+    /// interleaved, widened and shifted by the zero point in four instructions.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pack_b(
+        rows: &[u8],
+        k: usize,
+        n: usize,
+        flip: u8,
+        x0: i16,
+        out: &mut [i16],
+    ) {
+        let kp = k.div_ceil(2);
+        assert!(
+            rows.len() >= k * n && out.len() >= n.div_ceil(NR) * kp * NR * 2,
+            "pack_b sizes"
+        );
+        let flip = _mm_set1_epi8(flip as i8);
+        let x0 = _mm256_set1_epi16(x0);
+        for p in 0..k / 2 {
+            for panel in 0..n / NR {
+                // SAFETY: rows 2p and 2p + 1 exist (2p + 1 < k) and the panel is whole
+                // (16·panel + 16 <= n); the destination is inside `out`, checked above.
+                unsafe {
+                    let r0 = rows.as_ptr().add(2 * p * n + panel * NR);
+                    let a = _mm_xor_si128(_mm_loadu_si128(r0 as *const __m128i), flip);
+                    let b = _mm_xor_si128(_mm_loadu_si128(r0.add(n) as *const __m128i), flip);
+                    let lo = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b)), x0);
+                    let hi = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, b)), x0);
+                    let dst = out.as_mut_ptr().add((panel * kp + p) * NR * 2) as *mut __m256i;
+                    _mm256_storeu_si256(dst, lo);
+                    _mm256_storeu_si256(dst.add(1), hi);
+                }
+            }
+        }
+    }
+
+    /// [`super::deal2`] on whole blocks of 16 source bytes; returns how many source bytes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn deal2(src: &[u8], flip: u8, even: &mut [u8], odd: &mut [u8]) -> usize {
+        let blocks = (src.len() / 16).min(even.len() / 8).min(odd.len() / 8);
+        let deal = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        let flip = _mm_set1_epi8(flip as i8);
+        for i in 0..blocks {
+            // SAFETY: 16·i + 16 <= src.len(), 8·i + 8 <= even.len() and odd.len().
+            unsafe {
+                let v = _mm_loadu_si128(src.as_ptr().add(16 * i) as *const __m128i);
+                let v = _mm_shuffle_epi8(_mm_xor_si128(v, flip), deal);
+                _mm_storel_epi64(even.as_mut_ptr().add(8 * i) as *mut __m128i, v);
+                _mm_storel_epi64(
+                    odd.as_mut_ptr().add(8 * i) as *mut __m128i,
+                    _mm_srli_si128::<8>(v),
+                );
+            }
+        }
+        16 * blocks
     }
 
     /// The output range, in registers.
@@ -500,10 +615,7 @@ mod avx2 {
                         c.scale,
                         &k,
                     );
-                    let mut tmp = [0u8; DW_BLOCK];
-                    // SAFETY: `tmp` is 16 bytes.
-                    unsafe { _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, bytes) };
-                    out[(oy0 + r) * g.ow + ox..][..n].copy_from_slice(&tmp[..n]);
+                    store16(bytes, &mut out[(oy0 + r) * g.ow + ox..][..n]);
                 }
             }
         }
@@ -511,7 +623,7 @@ mod avx2 {
 }
 
 /// One depthwise convolution over a single channel plane.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct DwGeometry {
     pub(crate) h: usize,
     pub(crate) w: usize,
@@ -532,6 +644,8 @@ pub(crate) struct DwScratch {
     taps: Vec<usize>,
     /// One input row in f32, before it is split by phase.
     row: Vec<f32>,
+    /// The geometry `phases` and `taps` are laid out for.
+    laid_out: Option<(DwGeometry, Phases)>,
 }
 
 /// One input plane of a depthwise convolution.
@@ -569,19 +683,20 @@ pub(crate) fn depthwise(
     depthwise_portable(g, x, c, q, scratch, out)
 }
 
-/// How a plane was laid out by [`fill_phases`].
+/// How a plane is laid out by [`fill_phases`].
+#[derive(Debug, Clone, Copy)]
 struct Phases {
     /// Values per phase row.
     width: usize,
     /// Output blocks of [`DW_BLOCK`] per row.
     blocks: usize,
+    /// Rows per phase, padding included.
+    ph_alloc: usize,
 }
 
-/// Pads the plane (zero point subtracted, padding 0) and splits its columns by phase
-/// (`x % stride`), so that every tap reads a contiguous run; records each tap's offset.
-#[inline(always)]
-fn fill_phases(g: &DwGeometry, x: &DwInput, scratch: &mut DwScratch) -> Phases {
-    let (plane, flip, x0) = (x.plane, x.flip, x.x0);
+/// Sizes and zeroes the phase buffer for `g` and computes the tap offsets.
+#[cold]
+fn lay_out(g: &DwGeometry, scratch: &mut DwScratch) -> Phases {
     let (_, sx) = g.stride;
     let (pt, pl, pb, pr) = g.pad;
     let ph = g.h + pt + pb;
@@ -594,6 +709,41 @@ fn fill_phases(g: &DwGeometry, x: &DwInput, scratch: &mut DwScratch) -> Phases {
     let ph_alloc = ph + (DW_ROWS - 1) * g.stride.0;
     scratch.phases.clear();
     scratch.phases.resize(sx * ph_alloc * width, 0.0);
+    scratch.taps.clear();
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            scratch
+                .taps
+                .push(((kx % sx) * ph_alloc + ky) * width + kx / sx);
+        }
+    }
+    let layout = Phases {
+        width,
+        blocks,
+        ph_alloc,
+    };
+    scratch.laid_out = Some((*g, layout));
+    layout
+}
+
+/// Pads the plane (zero point subtracted, padding 0) and splits its columns by phase
+/// (`x % stride`), so that every tap reads a contiguous run; records each tap's offset.
+///
+/// The layout depends on the geometry only, so the planes of one layer (and of later layers
+/// of the same geometry) reuse it: the buffer is zeroed and the taps computed once, and each
+/// plane then writes the same interior cells, leaving the padding zero.
+#[inline(always)]
+fn fill_phases(g: &DwGeometry, x: &DwInput, scratch: &mut DwScratch) -> Phases {
+    let (plane, flip, x0) = (x.plane, x.flip, x.x0);
+    let (_, sx) = g.stride;
+    let (pt, pl, _, _) = g.pad;
+    let layout = match scratch.laid_out {
+        Some((seen, layout)) if seen == *g => layout,
+        _ => lay_out(g, scratch),
+    };
+    let Phases {
+        width, ph_alloc, ..
+    } = layout;
     let x0 = x0 as f32;
     for y in 0..g.h {
         let src = &plane[y * g.w..][..g.w];
@@ -632,15 +782,7 @@ fn fill_phases(g: &DwGeometry, x: &DwInput, scratch: &mut DwScratch) -> Phases {
             }
         }
     }
-    scratch.taps.clear();
-    for ky in 0..g.kh {
-        for kx in 0..g.kw {
-            scratch
-                .taps
-                .push(((kx % sx) * ph_alloc + ky) * width + kx / sx);
-        }
-    }
-    Phases { width, blocks }
+    layout
 }
 
 /// The reference the SIMD path is tested against, and the kernel on other targets (where
@@ -716,9 +858,9 @@ mod tests {
             let w: Vec<i16> = (0..m * k)
                 .map(|_| rng.byte() as i16 - rng.byte() as i16)
                 .collect();
-            let x: Vec<i16> = (0..k * n)
-                .map(|_| rng.byte() as i16 - rng.byte() as i16)
-                .collect();
+            let bytes: Vec<u8> = (0..k * n).map(|_| rng.byte()).collect();
+            let (flip, x0) = ([0, 0x80][rng.below(2)], rng.byte() as i16);
+            let x: Vec<i16> = bytes.iter().map(|b| (b ^ flip) as i16 - x0).collect();
             let bias: Vec<i32> = (0..m).map(|_| rng.next() as i32 % 50_000).collect();
             let scale: Vec<f32> = (0..m)
                 .map(|_| (1 + rng.below(1000)) as f32 * 2e-6)
@@ -739,7 +881,7 @@ mod tests {
             let expected = reference_gemm(&w, &x, m, k, n, &bias, &scale, &q);
             let a = PackedA::pack(&w, m, k);
             let mut b = vec![];
-            pack_b(&x, k, n, |v| v, &mut b);
+            pack_b(&bytes, k, n, flip, x0, &mut b);
             let mut got = vec![0; m * n];
             let e = Epilogue {
                 bias: &bias,
@@ -751,6 +893,27 @@ mod tests {
             got.fill(0);
             gemm(&a, &b, n, &e, &mut got);
             assert_eq!(got, expected, "dispatched, case {case}: m {m} k {k} n {n}");
+        }
+    }
+
+    #[test]
+    fn deal2_splits_by_parity_into_whatever_fits() {
+        let mut rng = Lcg(3);
+        for case in 0..500 {
+            let n = rng.below(80);
+            let src: Vec<u8> = (0..n).map(|_| rng.byte()).collect();
+            let flip = [0, 0x80][rng.below(2)];
+            let (ne, no) = (rng.below(45), rng.below(45));
+            let (mut even, mut odd) = (vec![7u8; ne], vec![7u8; no]);
+            deal2(&src, flip, &mut even, &mut odd);
+            for (i, e) in even.iter().enumerate() {
+                let want = src.get(2 * i).map_or(7, |b| b ^ flip);
+                assert_eq!(*e, want, "case {case}: even {i} of {n}");
+            }
+            for (i, o) in odd.iter().enumerate() {
+                let want = src.get(2 * i + 1).map_or(7, |b| b ^ flip);
+                assert_eq!(*o, want, "case {case}: odd {i} of {n}");
+            }
         }
     }
 

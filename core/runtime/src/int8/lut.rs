@@ -29,6 +29,23 @@ pub(crate) struct Lut {
     out_dt: DatumType,
 }
 
+impl Lut {
+    pub(crate) fn new(table: [u8; 256], out_dt: DatumType) -> Lut {
+        Lut {
+            table: Box::new(table),
+            out_dt,
+        }
+    }
+
+    pub(crate) fn table(&self) -> &[u8; 256] {
+        &self.table
+    }
+
+    pub(crate) fn out_dt(&self) -> DatumType {
+        self.out_dt
+    }
+}
+
 impl Op for Lut {
     fn name(&self) -> StaticName {
         "TernLut".into()

@@ -55,6 +55,64 @@ impl Quantize {
     fn quantize(&self, x: f32) -> i32 {
         self.quantize_with(x, self.range(), self.clamps())
     }
+
+    /// Every `xs[i]` quantized into `out[i]` (stored as its bit pattern for i8).
+    fn quantize_slice(&self, xs: &[f32], out: &mut [u8]) {
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if crate::int8::kernels::simd::avx2() {
+            // SAFETY: AVX2 was detected on this CPU.
+            done = unsafe { self.quantize_avx2(xs, out) };
+        }
+        let (range, clamps) = (self.range(), self.clamps());
+        for (o, &v) in out[done..].iter_mut().zip(&xs[done..]) {
+            *o = self.quantize_with(v, range, clamps) as u8;
+        }
+    }
+
+    /// [`Quantize::quantize_with`] on whole blocks of 16 values; returns how many were done.
+    /// The input model's first op runs this on every pixel, where the SSE2 code the compiler
+    /// makes of the portable loop (4 lanes, a saturating cast emulated) was 12% of a small
+    /// quantized network's time.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(&self, xs: &[f32], out: &mut [u8]) -> usize {
+        use std::arch::x86_64::*;
+        let n = xs.len().min(out.len()) / 16 * 16;
+        let (lo, hi) = self.range();
+        let scale = _mm256_set1_ps(self.scale);
+        // Clamping to the integer bounds before rounding gives the same result as clamping
+        // after (both are integers), and keeps the conversion in range.
+        let flo = _mm256_set1_ps((lo - self.zero_point) as f32);
+        let fhi = _mm256_set1_ps((hi - self.zero_point) as f32);
+        let zp = _mm256_set1_epi32(self.zero_point);
+        let byte = _mm256_set1_epi32(0xff);
+        for i in (0..n).step_by(16) {
+            let mut v = [_mm256_setzero_si256(); 2];
+            for (h, word) in v.iter_mut().enumerate() {
+                // SAFETY: i + 16 <= n <= xs.len().
+                let x = unsafe { _mm256_loadu_ps(xs.as_ptr().add(i + 8 * h)) };
+                let y = _mm256_mul_ps(x, scale);
+                // NaN becomes 0, i.e. the zero point, as in tract.
+                let y = _mm256_and_ps(y, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
+                let y = _mm256_min_ps(_mm256_max_ps(y, flo), fhi);
+                let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
+                // The low byte is the stored pattern for u8 and i8 alike.
+                *word = _mm256_and_si256(_mm256_add_epi32(_mm256_cvtps_epi32(r), zp), byte);
+            }
+            let words = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(v[0], v[1]));
+            let bytes = _mm_packus_epi16(
+                _mm256_castsi256_si128(words),
+                _mm256_extracti128_si256::<1>(words),
+            );
+            // SAFETY: i + 16 <= n <= out.len().
+            unsafe { _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut __m128i, bytes) };
+        }
+        n
+    }
 }
 
 // By bits: tract compares ops for equality, and an f32 field has no `Eq`.
@@ -92,10 +150,7 @@ impl EvalOp for Quantize {
         let xs = x.try_as_plain_ram()?.as_slice::<f32>()?;
         // SAFETY: every byte is written below.
         let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt, x.shape())? };
-        let (range, clamps) = (self.range(), self.clamps());
-        for (o, &v) in out.as_bytes_mut().iter_mut().zip(xs) {
-            *o = self.quantize_with(v, range, clamps) as u8;
-        }
+        self.quantize_slice(xs, out.as_bytes_mut());
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -173,7 +228,7 @@ mod tests {
     }
 
     #[test]
-    fn the_vectorisable_rounding_equals_round_ties_even() {
+    fn the_vectorisable_rounding_and_the_simd_path_equal_round_ties_even() {
         let mut rng = crate::int8::Lcg(11);
         for (scale, zero_point, out_dt) in [
             (10.0, 128, DatumType::U8),
@@ -191,7 +246,11 @@ mod tests {
             // Ties (k / 2 / scale) and random bit patterns, including NaN and the infinities.
             let ties = (-700..700).map(|k| k as f32 / 2.0 / scale);
             let random = (0..20_000).map(|_| f32::from_bits(rng.next() << 1 ^ rng.next()));
-            for x in ties.chain(random) {
+            let xs: Vec<f32> = ties.chain(random).collect();
+            // The whole-slice path (SIMD where the CPU has it, an odd length for the tail).
+            let mut bytes = vec![0u8; xs.len()];
+            q.quantize_slice(&xs, &mut bytes);
+            for (&x, &b) in xs.iter().zip(&bytes) {
                 let y = x * scale;
                 let want = if y.is_nan() {
                     zero_point as i64
@@ -201,6 +260,12 @@ mod tests {
                         .clamp(lo as i64, hi as i64)
                 };
                 assert_eq!(q.quantize(x) as i64, want, "{x} at scale {scale}");
+                let stored = if out_dt == DatumType::I8 {
+                    b as i8 as i64
+                } else {
+                    b as i64
+                };
+                assert_eq!(stored, want, "slice path: {x} at scale {scale}");
             }
         }
     }

@@ -330,8 +330,11 @@ pub(crate) fn compile(
         let started = Instant::now();
         let tables = crate::int8::fuse_islands(&mut typed)
             .map_err(|e| Error::Prepare(format!("fusing int8 activations: {}", chain(&e))))?;
+        let folded = crate::int8::fold_tables(&mut typed)
+            .map_err(|e| Error::Prepare(format!("folding lookup tables: {}", chain(&e))))?;
         log::debug!(
-            "{tables} float islands between 8-bit tensors became lookup tables in {:.1?}",
+            "{tables} float islands between 8-bit tensors became lookup tables, {folded} of \
+             them folded into the op before, in {:.1?}",
             started.elapsed()
         );
     }
@@ -1083,11 +1086,19 @@ fn inspect(
     }
     let mut rewrites = vec![];
     let count = |name: &str| nodes.iter().filter(|n| n.op.name() == name).count();
-    let (one, two) = (count("TernLut"), count("TernLut2"));
+    let folded = nodes
+        .iter()
+        .filter(|n| {
+            n.op_as::<crate::int8::QConv>()
+                .is_some_and(|q| q.has_table())
+        })
+        .count();
+    let (one, two) = (count("TernLut") + folded, count("TernLut2"));
     if one + two > 0 {
         rewrites.push(format!(
             "{} element-wise float islands between 8-bit tensors run as lookup tables ({one} of \
-             one input, {two} of two)",
+             one input, {two} of two); {folded} applied by the convolution that writes their \
+             input",
             one + two
         ));
     }
