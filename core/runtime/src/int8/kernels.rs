@@ -104,13 +104,16 @@ pub(crate) fn pack_b(rows: &[u8], k: usize, n: usize, flip: u8, x0: i16, out: &m
     out.clear();
     out.resize(panels * kp * NR * 2, 0);
     // Whole panels of both rows of a pair, where the SIMD path took them.
-    let (mut fast_pairs, mut fast_panels) = (0, 0);
     #[cfg(target_arch = "x86_64")]
-    if simd::avx2() {
-        (fast_pairs, fast_panels) = (k / 2, n / NR);
+    let (fast_pairs, fast_panels) = if simd::avx2() {
         // SAFETY: AVX2 was detected on this CPU.
         unsafe { avx2::pack_b(rows, k, n, flip, x0, out) };
-    }
+        (k / 2, n / NR)
+    } else {
+        (0, 0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (fast_pairs, fast_panels) = (0, 0);
     let value = |b: u8| (b ^ flip) as i16 - x0;
     for p in 0..kp {
         let r0 = &rows[2 * p * n..][..n];
@@ -141,15 +144,181 @@ pub(crate) fn pack_b(rows: &[u8], k: usize, n: usize, flip: u8, x0: i16, out: &m
     }
 }
 
+/// What the activation bytes of the quad kernels hold: `x - DOT_OFFSET` for an unsigned
+/// value `x`. x86's `vpdpbusd` reads them unsigned; aarch64's `sdot` reads both operands
+/// signed, so there they are shifted by 128.
+#[cfg(target_arch = "aarch64")]
+pub(crate) const DOT_OFFSET: i32 = 128;
+#[cfg(not(target_arch = "aarch64"))]
+pub(crate) const DOT_OFFSET: i32 = 0;
+
+/// Whether this CPU has a dot-product instruction for [`gemm4`].
+pub(crate) fn dot4_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return simd::vnni();
+    #[cfg(target_arch = "aarch64")]
+    return simd::dotprod();
+    #[allow(unreachable_code)]
+    false
+}
+
+/// Weights packed for [`gemm4`]: panels of [`MR`] rows, each k-quad of a row as one i32
+/// holding four i8 (`w[4q]` in the lowest byte), zero-padded; plus each row's sum.
+///
+/// The quad kernels multiply raw activation bytes, not `x - x0`, whose 9 bits would not fit
+/// their 8-bit operands. `Σ (x - x0)·w = Σ (x - DOT_OFFSET)·w + (DOT_OFFSET - x0)·Σ w`, and
+/// the last term is a constant per row, folded into the bias at load
+/// ([`PackedA4::corrected_bias`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PackedA4 {
+    pub(crate) m: usize,
+    pub(crate) k: usize,
+    data: Vec<i32>,
+    sums: Vec<i32>,
+}
+
+impl PackedA4 {
+    /// `w` is `m × k`, row-major, already minus its zero point; `None` when a value does not
+    /// fit an i8 (weights with a zero point, e.g. u8 weights), which keep the i16 kernels.
+    pub(crate) fn pack(w: &[i16], m: usize, k: usize) -> Option<PackedA4> {
+        debug_assert_eq!(w.len(), m * k);
+        let kq = k.div_ceil(4);
+        let panels = m.div_ceil(MR);
+        let mut data = vec![0i32; panels * kq * MR];
+        let mut sums = vec![0i32; m];
+        for row in 0..m {
+            let (panel, r) = (row / MR, row % MR);
+            let values = &w[row * k..][..k];
+            for (q, quad) in values.chunks(4).enumerate() {
+                let mut bytes = [0u8; 4];
+                for (b, &v) in bytes.iter_mut().zip(quad) {
+                    *b = i8::try_from(v).ok()? as u8;
+                }
+                data[(panel * kq + q) * MR + r] = i32::from_le_bytes(bytes);
+            }
+            sums[row] = values.iter().map(|&v| v as i32).sum();
+        }
+        Some(PackedA4 { m, k, data, sums })
+    }
+
+    fn kq(&self) -> usize {
+        self.k.div_ceil(4)
+    }
+
+    fn panel(&self, ix: usize) -> &[i32] {
+        let len = self.kq() * MR;
+        &self.data[ix * len..][..len]
+    }
+
+    /// `bias` with the zero-point term of input zero point `x0` (unsigned) folded in.
+    /// Wrapping: the kernels' sums wrap the same way, so the final i32 is the one the i16
+    /// kernels compute.
+    pub(crate) fn corrected_bias(&self, bias: &[i32], x0: i32) -> Vec<i32> {
+        bias.iter()
+            .zip(&self.sums)
+            .map(|(&b, &s)| b.wrapping_add((DOT_OFFSET - x0).wrapping_mul(s)))
+            .collect()
+    }
+}
+
+/// Lays `k × n` bytes (row-major, `b ^ flip` unsigned) out for [`gemm4`]: panels of [`NR`]
+/// columns, each k-quad of a column as four adjacent bytes `x - DOT_OFFSET`, zero-padded.
+pub(crate) fn pack_b4(rows: &[u8], k: usize, n: usize, flip: u8, out: &mut Vec<u8>) {
+    debug_assert_eq!(rows.len(), k * n);
+    let flip = flip ^ DOT_OFFSET as u8;
+    let kq = k.div_ceil(4);
+    let panels = n.div_ceil(NR);
+    out.clear();
+    out.resize(panels * kq * NR * 4, 0);
+    for q in 0..kq {
+        for panel in 0..panels {
+            let first = panel * NR;
+            let cols = NR.min(n - first);
+            let dst = &mut out[(panel * kq + q) * NR * 4..][..NR * 4];
+            #[cfg(target_arch = "x86_64")]
+            if 4 * q + 4 <= k && cols == NR {
+                let quad = &rows[4 * q * n + first..];
+                // SAFETY: SSE2 is part of x86_64; four rows of 16 bytes at stride n are inside
+                // `rows` (4q + 3 < k, first + 16 <= n) and `dst` is 64 bytes.
+                unsafe { sse2::interleave4(quad, n, flip, dst) };
+                continue;
+            }
+            for t in 0..4 {
+                let row = 4 * q + t;
+                if row >= k {
+                    break;
+                }
+                let src = &rows[row * n + first..][..cols];
+                for (j, &b) in src.iter().enumerate() {
+                    dst[4 * j + t] = b ^ flip;
+                }
+            }
+        }
+    }
+}
+
+/// `out[m × n] = requant(A·B + bias)` on the dot-product kernels, `b` from [`pack_b4`] and the
+/// epilogue's bias from [`PackedA4::corrected_bias`].
+pub(crate) fn gemm4(a: &PackedA4, b: &[u8], n: usize, e: &Epilogue, out: &mut [u8]) {
+    debug_assert_eq!(out.len(), a.m * n);
+    debug_assert_eq!(b.len(), n.div_ceil(NR) * a.kq() * NR * 4);
+    #[cfg(target_arch = "x86_64")]
+    if simd::vnni() {
+        // SAFETY: AVX2, FMA, AVX-512 VNNI and VL were detected on this CPU.
+        unsafe { avx2::gemm4_vnni(a, b, n, e, out) };
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if simd::dotprod() {
+        // SAFETY: NEON and the dot-product extension were detected on this CPU.
+        unsafe { neon::gemm4_sdot(a, b, n, e, out) };
+        return;
+    }
+    portable::gemm4(a, b, n, e, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod sse2 {
+    use std::arch::x86_64::*;
+
+    /// Four rows of 16 bytes (`rows`, stride `n`) as 16 columns of four bytes each, XOR `flip`.
+    ///
+    /// # Safety
+    /// `rows` must hold `3n + 16` bytes, `dst` 64.
+    #[inline]
+    pub(super) unsafe fn interleave4(rows: &[u8], n: usize, flip: u8, dst: &mut [u8]) {
+        debug_assert!(rows.len() >= 3 * n + 16 && dst.len() >= 64);
+        // SAFETY: the caller's bounds.
+        unsafe {
+            let flip = _mm_set1_epi8(flip as i8);
+            let p = rows.as_ptr();
+            let r = |i: usize| _mm_xor_si128(_mm_loadu_si128(p.add(i * n) as *const __m128i), flip);
+            let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+            // Bytes of rows 0/1 and 2/3 paired per column, then the pairs paired: columns
+            // 0-3, 4-7, 8-11, 12-15 as (r0, r1, r2, r3) quads.
+            let (a, b) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+            let (c, d) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+            let out = dst.as_mut_ptr() as *mut __m128i;
+            _mm_storeu_si128(out, _mm_unpacklo_epi16(a, c));
+            _mm_storeu_si128(out.add(1), _mm_unpackhi_epi16(a, c));
+            _mm_storeu_si128(out.add(2), _mm_unpacklo_epi16(b, d));
+            _mm_storeu_si128(out.add(3), _mm_unpackhi_epi16(b, d));
+        }
+    }
+}
+
 /// Splits a row of bytes by column parity, each byte XOR `flip`: columns 0, 2, 4, … to
 /// `even`, 1, 3, 5, … to `odd`, as many as each destination holds.
 pub(crate) fn deal2(src: &[u8], flip: u8, even: &mut [u8], odd: &mut [u8]) {
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if simd::avx2() {
+    let done = if simd::avx2() {
         // SAFETY: AVX2 was detected on this CPU.
-        done = unsafe { avx2::deal2(src, flip, even, odd) };
-    }
+        unsafe { avx2::deal2(src, flip, even, odd) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     for (x, &b) in src.iter().enumerate().skip(done) {
         let dst = if x % 2 == 0 { &mut *even } else { &mut *odd };
         if let Some(d) = dst.get_mut(x / 2) {
@@ -212,6 +381,49 @@ fn store_tile(tile: &[[u8; NR]; MR], row0: usize, col0: usize, m: usize, n: usiz
 pub(crate) mod portable {
     use super::*;
 
+    /// The reference the dot-product kernels are tested against.
+    pub(crate) fn gemm4(a: &PackedA4, b: &[u8], n: usize, e: &Epilogue, out: &mut [u8]) {
+        let (bias, scale, q) = (e.bias, e.scale, e.q);
+        let kq = a.kq();
+        // The stored byte as the instruction reads it: unsigned on x86, signed on aarch64.
+        let value = |v: u8| {
+            if DOT_OFFSET == 0 {
+                v as i32
+            } else {
+                v as i8 as i32
+            }
+        };
+        for panel_m in 0..a.m.div_ceil(MR) {
+            let pa = a.panel(panel_m);
+            for panel_n in 0..n.div_ceil(NR) {
+                let pb = &b[panel_n * kq * NR * 4..][..kq * NR * 4];
+                let mut acc = [[0i32; NR]; MR];
+                for p in 0..kq {
+                    let bq = &pb[p * NR * 4..][..NR * 4];
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let w = pa[p * MR + r].to_le_bytes();
+                        for (j, c) in row.iter_mut().enumerate() {
+                            for t in 0..4 {
+                                *c += w[t] as i8 as i32 * value(bq[4 * j + t]);
+                            }
+                        }
+                    }
+                }
+                let mut tile = [[0u8; NR]; MR];
+                for r in 0..MR {
+                    let row = panel_m * MR + r;
+                    if row >= a.m {
+                        break;
+                    }
+                    for j in 0..NR {
+                        tile[r][j] = q.apply(acc[r][j].wrapping_add(bias[row]), scale[row]);
+                    }
+                }
+                store_tile(&tile, panel_m * MR, panel_n * NR, a.m, n, out);
+            }
+        }
+    }
+
     /// The reference every SIMD path is tested against.
     pub(crate) fn gemm(a: &PackedA, b: &[i16], n: usize, e: &Epilogue, out: &mut [u8]) {
         let (bias, scale, q) = (e.bias, e.scale, e.q);
@@ -260,6 +472,15 @@ pub(crate) mod simd {
                 && is_x86_feature_detected!("fma")
         })
     }
+
+    /// AVX-512 VNNI on 256-bit registers (`vpdpbusd`): four u8·i8 products summed into each
+    /// i32 lane in one instruction, twice the products of `vpmaddwd` on i16 pairs.
+    pub(crate) fn vnni() -> bool {
+        static VNNI: OnceLock<bool> = OnceLock::new();
+        *VNNI.get_or_init(|| {
+            avx2() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+        })
+    }
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -273,6 +494,13 @@ pub(crate) mod simd {
             std::env::var_os("TERN_NO_SIMD").is_none()
                 && std::arch::is_aarch64_feature_detected!("neon")
         })
+    }
+
+    /// The dot-product extension (ARMv8.2 `sdot`: four i8·i8 products summed into each i32
+    /// lane): Cortex-A55/A75 and later, Apple M1 and later; not the Raspberry Pi 4's A72.
+    pub(crate) fn dotprod() -> bool {
+        static DOT: OnceLock<bool> = OnceLock::new();
+        *DOT.get_or_init(|| neon() && std::arch::is_aarch64_feature_detected!("dotprod"))
     }
 }
 
@@ -290,9 +518,7 @@ mod neon {
     pub(super) unsafe fn gemm(a: &PackedA, b: &[i16], n: usize, e: &Epilogue, out: &mut [u8]) {
         let (bias, scale, q) = (e.bias, e.scale, e.q);
         let kp = a.kp();
-        let y0 = vdupq_n_s32(q.y0);
-        let lo = vdupq_n_s32(q.lo);
-        let hi = vdupq_n_s32(q.hi);
+        let k = bounds(q);
         for panel_m in 0..a.m.div_ceil(MR) {
             let pa = a.panel(panel_m).as_ptr();
             let rows = MR.min(a.m - panel_m * MR);
@@ -323,19 +549,127 @@ mod neon {
                 let mut tile = [[0u8; NR]; MR];
                 for r in 0..rows {
                     let row = panel_m * MR + r;
-                    let bias_v = vdupq_n_s32(bias[row]);
-                    let scale_v = vdupq_n_f32(scale[row]);
-                    let mut v = [vdupq_n_s32(0); 4];
-                    for (h, acc) in c[r].iter().enumerate() {
-                        let f = vmulq_f32(vcvtq_f32_s32(vaddq_s32(*acc, bias_v)), scale_v);
-                        // Ties to even, saturating; the saturating add keeps huge values huge.
-                        let i = vqaddq_s32(vcvtnq_s32_f32(f), y0);
-                        v[h] = vminq_s32(vmaxq_s32(i, lo), hi);
+                    let bytes = requant16(&c[r], bias[row], scale[row], &k);
+                    // SAFETY: the tile row is 16 bytes.
+                    unsafe { vst1q_s8(tile[r].as_mut_ptr() as *mut i8, bytes) };
+                }
+                store_tile(&tile, panel_m * MR, panel_n * NR, a.m, n, out);
+            }
+        }
+    }
+
+    /// The output range, in registers.
+    struct Bounds {
+        y0: int32x4_t,
+        lo: int32x4_t,
+        hi: int32x4_t,
+    }
+
+    #[target_feature(enable = "neon")]
+    fn bounds(q: &Requant) -> Bounds {
+        Bounds {
+            y0: vdupq_n_s32(q.y0),
+            lo: vdupq_n_s32(q.lo),
+            hi: vdupq_n_s32(q.hi),
+        }
+    }
+
+    /// [`Requant::apply`] on 16 accumulators of one channel: the 16 stored bytes.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn requant16(acc: &[int32x4_t; 4], bias: i32, scale: f32, k: &Bounds) -> int8x16_t {
+        let bias_v = vdupq_n_s32(bias);
+        let scale_v = vdupq_n_f32(scale);
+        let mut v = [vdupq_n_s32(0); 4];
+        for (h, acc) in acc.iter().enumerate() {
+            let f = vmulq_f32(vcvtq_f32_s32(vaddq_s32(*acc, bias_v)), scale_v);
+            // Ties to even, saturating; the saturating add keeps huge values huge.
+            let i = vqaddq_s32(vcvtnq_s32_f32(f), k.y0);
+            v[h] = vminq_s32(vmaxq_s32(i, k.lo), k.hi);
+        }
+        // Narrowing keeps the low byte: the stored pattern for u8 and i8 alike.
+        let w0 = vcombine_s16(vmovn_s32(v[0]), vmovn_s32(v[1]));
+        let w1 = vcombine_s16(vmovn_s32(v[2]), vmovn_s32(v[3]));
+        vcombine_s8(vmovn_s16(w0), vmovn_s16(w1))
+    }
+
+    // One `sdot` lane per row of a panel.
+    const _: () = assert!(MR == 4);
+
+    /// `acc[i] += Σ_t b[4i + t] · w[4·LANE + t]`: `sdot` by element, through `asm!` because
+    /// its intrinsic is not stable in Rust 1.95.
+    ///
+    /// # Safety
+    /// The CPU must support the dot-product extension.
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn sdot_lane<const LANE: i32>(acc: int32x4_t, b: int8x16_t, w: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        // SAFETY: register-only arithmetic; the caller guarantees the instruction exists.
+        unsafe {
+            std::arch::asm!(
+                "sdot {acc:v}.4s, {b:v}.16b, {w:v}.4b[{lane}]",
+                acc = inout(vreg) acc,
+                b = in(vreg) b,
+                w = in(vreg_low16) w,
+                lane = const LANE,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+        }
+        acc
+    }
+
+    /// [`super::gemm4`] with `sdot`: per k-quad, one instruction per row and four columns.
+    ///
+    /// # Safety
+    /// The CPU must support NEON and the dot-product extension.
+    #[target_feature(enable = "neon,dotprod")]
+    pub(super) unsafe fn gemm4_sdot(
+        a: &PackedA4,
+        b: &[u8],
+        n: usize,
+        e: &Epilogue,
+        out: &mut [u8],
+    ) {
+        let (bias, scale, q) = (e.bias, e.scale, e.q);
+        let kq = a.kq();
+        let k = bounds(q);
+        for panel_m in 0..a.m.div_ceil(MR) {
+            let pa = a.panel(panel_m).as_ptr() as *const i8;
+            let rows = MR.min(a.m - panel_m * MR);
+            for panel_n in 0..n.div_ceil(NR) {
+                let pb = b[panel_n * kq * NR * 4..][..kq * NR * 4].as_ptr() as *const i8;
+                // c[r][i]: row r, columns 4i..4i+4.
+                let mut c = [[vdupq_n_s32(0); 4]; MR];
+                for p in 0..kq {
+                    // SAFETY: `p < kq`; a quad row of the B panel is 64 bytes, of A 16 (MR
+                    // rows of four bytes).
+                    let (bv, w) = unsafe {
+                        let bp = pb.add(p * NR * 4);
+                        (
+                            [
+                                vld1q_s8(bp),
+                                vld1q_s8(bp.add(16)),
+                                vld1q_s8(bp.add(32)),
+                                vld1q_s8(bp.add(48)),
+                            ],
+                            vld1q_s8(pa.add(p * MR * 4)),
+                        )
+                    };
+                    for (i, &bq) in bv.iter().enumerate() {
+                        // SAFETY: dotprod was detected by the caller.
+                        unsafe {
+                            c[0][i] = sdot_lane::<0>(c[0][i], bq, w);
+                            c[1][i] = sdot_lane::<1>(c[1][i], bq, w);
+                            c[2][i] = sdot_lane::<2>(c[2][i], bq, w);
+                            c[3][i] = sdot_lane::<3>(c[3][i], bq, w);
+                        }
                     }
-                    // Narrowing keeps the low byte: the stored pattern for u8 and i8 alike.
-                    let w0 = vcombine_s16(vmovn_s32(v[0]), vmovn_s32(v[1]));
-                    let w1 = vcombine_s16(vmovn_s32(v[2]), vmovn_s32(v[3]));
-                    let bytes = vcombine_s8(vmovn_s16(w0), vmovn_s16(w1));
+                }
+                let mut tile = [[0u8; NR]; MR];
+                for r in 0..rows {
+                    let row = panel_m * MR + r;
+                    let bytes = requant16(&c[r], bias[row], scale[row], &k);
                     // SAFETY: the tile row is 16 bytes.
                     unsafe { vst1q_s8(tile[r].as_mut_ptr() as *mut i8, bytes) };
                 }
@@ -379,6 +713,56 @@ mod avx2 {
                         let w = _mm256_set1_epi32(unsafe { *ap.add(r) });
                         c[2 * r] = _mm256_add_epi32(c[2 * r], _mm256_madd_epi16(w, b0));
                         c[2 * r + 1] = _mm256_add_epi32(c[2 * r + 1], _mm256_madd_epi16(w, b1));
+                    }
+                }
+                let col0 = panel_n * NR;
+                for r in 0..rows {
+                    let row = panel_m * MR + r;
+                    let bytes = requant16(c[2 * r], c[2 * r + 1], bias[row], scale[row], &k);
+                    store16(bytes, &mut out[row * n + col0..][..NR.min(n - col0)]);
+                }
+            }
+        }
+    }
+
+    /// [`super::gemm4`] with `vpdpbusd` on 256-bit registers: the loop of [`gemm`] over
+    /// k-quads, one instruction per product of a quad instead of a multiply and an add per
+    /// pair.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA, AVX-512 VNNI and AVX-512 VL.
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    pub(super) unsafe fn gemm4_vnni(
+        a: &PackedA4,
+        b: &[u8],
+        n: usize,
+        e: &Epilogue,
+        out: &mut [u8],
+    ) {
+        let (bias, scale, q) = (e.bias, e.scale, e.q);
+        let kq = a.kq();
+        let k = bounds(q);
+        for panel_m in 0..a.m.div_ceil(MR) {
+            let pa = a.panel(panel_m).as_ptr();
+            let rows = MR.min(a.m - panel_m * MR);
+            for panel_n in 0..n.div_ceil(NR) {
+                let pb = b[panel_n * kq * NR * 4..][..kq * NR * 4].as_ptr();
+                let mut c = [_mm256_setzero_si256(); 2 * MR];
+                for p in 0..kq {
+                    // SAFETY: `p < kq`, and panels hold `kq` quads of NR (B) / MR (A) entries.
+                    let (b0, b1, ap) = unsafe {
+                        let bp = pb.add(p * NR * 4) as *const __m256i;
+                        (
+                            _mm256_loadu_si256(bp),
+                            _mm256_loadu_si256(bp.add(1)),
+                            pa.add(p * MR),
+                        )
+                    };
+                    for r in 0..MR {
+                        // SAFETY: `r < MR`, inside the panel.
+                        let w = _mm256_set1_epi32(unsafe { *ap.add(r) });
+                        c[2 * r] = _mm256_dpbusd_epi32(c[2 * r], b0, w);
+                        c[2 * r + 1] = _mm256_dpbusd_epi32(c[2 * r + 1], b1, w);
                     }
                 }
                 let col0 = panel_n * NR;
@@ -894,6 +1278,49 @@ mod tests {
             gemm(&a, &b, n, &e, &mut got);
             assert_eq!(got, expected, "dispatched, case {case}: m {m} k {k} n {n}");
         }
+    }
+
+    #[test]
+    fn gemm4_matches_the_definition_on_random_shapes() {
+        eprintln!("dot-product instructions on this CPU: {}", dot4_available());
+        let mut rng = Lcg(13);
+        for case in 0..300 {
+            let (m, k, n) = (1 + rng.below(23), 1 + rng.below(90), 1 + rng.below(70));
+            let w: Vec<i16> = (0..m * k).map(|_| rng.byte() as i8 as i16).collect();
+            let bytes: Vec<u8> = (0..k * n).map(|_| rng.byte()).collect();
+            let (flip, x0) = ([0, 0x80][rng.below(2)], rng.byte() as i32);
+            let x: Vec<i16> = bytes
+                .iter()
+                .map(|b| (b ^ flip) as i16 - x0 as i16)
+                .collect();
+            let bias: Vec<i32> = (0..m).map(|_| rng.next() as i32 % 50_000).collect();
+            let scale: Vec<f32> = (0..m)
+                .map(|_| (1 + rng.below(1000)) as f32 * 2e-6)
+                .collect();
+            let q = Requant {
+                y0: rng.below(256) as i32,
+                lo: 0,
+                hi: 255,
+            };
+            let expected = reference_gemm(&w, &x, m, k, n, &bias, &scale, &q);
+            let a = PackedA4::pack(&w, m, k).expect("i8 weights");
+            let bias4 = a.corrected_bias(&bias, x0);
+            let mut b = vec![];
+            pack_b4(&bytes, k, n, flip, &mut b);
+            let e = Epilogue {
+                bias: &bias4,
+                scale: &scale,
+                q: &q,
+            };
+            let mut got = vec![0; m * n];
+            portable::gemm4(&a, &b, n, &e, &mut got);
+            assert_eq!(got, expected, "portable, case {case}: m {m} k {k} n {n}");
+            got.fill(0);
+            gemm4(&a, &b, n, &e, &mut got);
+            assert_eq!(got, expected, "dispatched, case {case}: m {m} k {k} n {n}");
+        }
+        // A weight that needs 9 bits keeps the i16 kernels.
+        assert!(PackedA4::pack(&[1, -200, 3], 1, 3).is_none());
     }
 
     #[test]

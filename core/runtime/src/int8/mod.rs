@@ -27,7 +27,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-use kernels::{DwChannel, DwGeometry, DwInput, DwScratch, Epilogue, PackedA, Requant};
+use kernels::{DwChannel, DwGeometry, DwInput, DwScratch, Epilogue, PackedA, PackedA4, Requant};
 
 /// Which kernel a fused convolution runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,6 +53,9 @@ enum Weights {
     Depthwise(Arc<Vec<f32>>),
     /// One packed matrix per group.
     Gemm(Arc<Vec<PackedA>>),
+    /// One packed matrix per group for the dot-product kernels, and the bias with the input
+    /// zero point's term folded in.
+    Gemm4(Arc<Vec<PackedA4>>, Arc<Vec<i32>>),
 }
 
 /// A quantized 2-D convolution (NCHW, OIHW weights) with requantization fused in.
@@ -82,6 +85,7 @@ impl PartialEq for QConv {
         let same_weights = match (&self.weights, &other.weights) {
             (Weights::Depthwise(a), Weights::Depthwise(b)) => Arc::ptr_eq(a, b),
             (Weights::Gemm(a), Weights::Gemm(b)) => Arc::ptr_eq(a, b),
+            (Weights::Gemm4(a, _), Weights::Gemm4(b, _)) => Arc::ptr_eq(a, b),
             _ => false,
         };
         same_weights
@@ -210,10 +214,16 @@ impl QConv {
         } else if per_out <= kernels::MAX_GEMM_K {
             let cout_g = cout / group;
             let w16: Vec<i16> = w.iter().map(|v| *v as i16).collect();
-            let packed = w16
-                .chunks(cout_g * per_out)
-                .map(|g| PackedA::pack(g, cout_g, per_out))
-                .collect();
+            let groups = w16.chunks(cout_g * per_out);
+            // The dot-product kernels where the CPU has them and every weight fits an i8.
+            let quads: Option<Vec<PackedA4>> = kernels::dot4_available()
+                .then(|| {
+                    groups
+                        .clone()
+                        .map(|g| PackedA4::pack(g, cout_g, per_out))
+                        .collect()
+                })
+                .flatten();
             // A 1×1 kernel at stride 1 reads each input value once: no im2col needed, unless
             // explicit padding adds rows of zero points.
             let pointwise =
@@ -223,7 +233,20 @@ impl QConv {
             } else {
                 Kernel::Im2col
             };
-            (kind, Weights::Gemm(Arc::new(packed)))
+            let weights = match quads {
+                Some(quads) => {
+                    let bias4 = quads
+                        .iter()
+                        .zip(bias.chunks(cout_g))
+                        .flat_map(|(a, b)| a.corrected_bias(b, x0))
+                        .collect();
+                    Weights::Gemm4(Arc::new(quads), Arc::new(bias4))
+                }
+                None => Weights::Gemm(Arc::new(
+                    groups.map(|g| PackedA::pack(g, cout_g, per_out)).collect(),
+                )),
+            };
+            (kind, weights)
         } else {
             return Err(format!("reduction of {per_out} is too long for i32 sums"));
         };
@@ -308,18 +331,25 @@ impl QConv {
                         }
                     }
                 }
-                Weights::Gemm(packed) => {
+                Weights::Gemm(_) | Weights::Gemm4(..) => {
                     let cin_g = c / self.group;
                     let cout_g = cout / self.group;
                     let k = cin_g * kh * kw;
                     let cols = oh * ow;
                     let (dy, dx) = (self.pool_spec.dilation(0), self.pool_spec.dilation(1));
+                    let Scratch {
+                        cols: im2col,
+                        phases,
+                        packed,
+                        packed4,
+                        ..
+                    } = scratch;
                     for b in 0..n {
-                        for (gi, a) in packed.iter().enumerate() {
+                        for gi in 0..self.group {
                             let src = &input[(b * c + gi * cin_g) * h * w..][..cin_g * h * w];
-                            if self.kernel == Kernel::Pointwise {
-                                let x0 = self.x0 as i16;
-                                kernels::pack_b(src, k, cols, self.flip, x0, &mut scratch.packed);
+                            // The k × cols matrix of bytes, and what makes them unsigned.
+                            let (rows, flip) = if self.kernel == Kernel::Pointwise {
+                                (src, self.flip)
                             } else {
                                 let geo = Im2col {
                                     h,
@@ -332,20 +362,34 @@ impl QConv {
                                     oh,
                                     ow,
                                 };
-                                let x = (self.flip, self.x0 as u8);
-                                geo.fill(src, cin_g, x, &mut scratch.cols, &mut scratch.phases);
-                                // The rows are unsigned bytes already: no flip left to do.
-                                let x0 = self.x0 as i16;
-                                kernels::pack_b(&scratch.cols, k, cols, 0, x0, &mut scratch.packed);
-                            }
-                            let first = gi * cout_g;
-                            let epilogue = Epilogue {
-                                bias: &self.bias[first..][..cout_g],
-                                scale: &self.scale[first..][..cout_g],
-                                q: &self.requant,
+                                geo.fill(src, cin_g, (self.flip, self.x0 as u8), im2col, phases);
+                                // Unsigned bytes already.
+                                (&im2col[..], 0)
                             };
+                            let first = gi * cout_g;
                             let dst = &mut output[(b * cout + first) * cols..][..cout_g * cols];
-                            kernels::gemm(a, &scratch.packed, cols, &epilogue, dst);
+                            let scale = &self.scale[first..][..cout_g];
+                            match &self.weights {
+                                Weights::Gemm(a) => {
+                                    kernels::pack_b(rows, k, cols, flip, self.x0 as i16, packed);
+                                    let epilogue = Epilogue {
+                                        bias: &self.bias[first..][..cout_g],
+                                        scale,
+                                        q: &self.requant,
+                                    };
+                                    kernels::gemm(&a[gi], packed, cols, &epilogue, dst);
+                                }
+                                Weights::Gemm4(a, bias) => {
+                                    kernels::pack_b4(rows, k, cols, flip, packed4);
+                                    let epilogue = Epilogue {
+                                        bias: &bias[first..][..cout_g],
+                                        scale,
+                                        q: &self.requant,
+                                    };
+                                    kernels::gemm4(&a[gi], packed4, cols, &epilogue, dst);
+                                }
+                                Weights::Depthwise(_) => unreachable!("matched above"),
+                            }
                             self.apply_post(dst);
                         }
                     }
@@ -393,6 +437,8 @@ struct Scratch {
     cols: Vec<u8>,
     /// One padded input plane split by column phase, for [`Im2col::fill`].
     phases: Vec<u8>,
+    /// Activations packed for the dot-product kernels.
+    packed4: Vec<u8>,
     packed: Vec<i16>,
     dw: DwScratch,
 }
@@ -559,8 +605,13 @@ impl Op for QConv {
         } else {
             ""
         };
+        let dot = if matches!(self.weights, Weights::Gemm4(..)) {
+            ", dot-product instructions"
+        } else {
+            ""
+        };
         Ok(vec![format!(
-            "{} group {}{post}",
+            "{} group {}{dot}{post}",
             self.kernel.describe(),
             self.group
         )])

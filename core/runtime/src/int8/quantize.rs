@@ -58,12 +58,15 @@ impl Quantize {
 
     /// Every `xs[i]` quantized into `out[i]` (stored as its bit pattern for i8).
     fn quantize_slice(&self, xs: &[f32], out: &mut [u8]) {
-        let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if crate::int8::kernels::simd::avx2() {
+        let done = if crate::int8::kernels::simd::avx2() {
             // SAFETY: AVX2 was detected on this CPU.
-            done = unsafe { self.quantize_avx2(xs, out) };
-        }
+            unsafe { self.quantize_avx2(xs, out) }
+        } else {
+            0
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = 0;
         let (range, clamps) = (self.range(), self.clamps());
         for (o, &v) in out[done..].iter_mut().zip(&xs[done..]) {
             *o = self.quantize_with(v, range, clamps) as u8;
