@@ -383,7 +383,6 @@ pub(crate) mod portable {
 
     /// The reference the dot-product kernels are tested against.
     pub(crate) fn gemm4(a: &PackedA4, b: &[u8], n: usize, e: &Epilogue, out: &mut [u8]) {
-        let (bias, scale, q) = (e.bias, e.scale, e.q);
         let kq = a.kq();
         // The stored byte as the instruction reads it: unsigned on x86, signed on aarch64.
         let value = |v: u8| {
@@ -393,67 +392,63 @@ pub(crate) mod portable {
                 v as i8 as i32
             }
         };
-        for panel_m in 0..a.m.div_ceil(MR) {
+        tiles(a.m, n, e, out, |panel_m, panel_n, acc| {
             let pa = a.panel(panel_m);
-            for panel_n in 0..n.div_ceil(NR) {
-                let pb = &b[panel_n * kq * NR * 4..][..kq * NR * 4];
-                let mut acc = [[0i32; NR]; MR];
-                for p in 0..kq {
-                    let bq = &pb[p * NR * 4..][..NR * 4];
-                    for (r, row) in acc.iter_mut().enumerate() {
-                        let w = pa[p * MR + r].to_le_bytes();
-                        for (j, c) in row.iter_mut().enumerate() {
-                            for t in 0..4 {
-                                *c += w[t] as i8 as i32 * value(bq[4 * j + t]);
-                            }
+            let pb = &b[panel_n * kq * NR * 4..][..kq * NR * 4];
+            for p in 0..kq {
+                let bq = &pb[p * NR * 4..][..NR * 4];
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let w = pa[p * MR + r].to_le_bytes();
+                    for (j, c) in row.iter_mut().enumerate() {
+                        for t in 0..4 {
+                            *c += w[t] as i8 as i32 * value(bq[4 * j + t]);
                         }
                     }
                 }
-                let mut tile = [[0u8; NR]; MR];
-                for r in 0..MR {
-                    let row = panel_m * MR + r;
-                    if row >= a.m {
-                        break;
-                    }
-                    for j in 0..NR {
-                        tile[r][j] = q.apply(acc[r][j].wrapping_add(bias[row]), scale[row]);
-                    }
-                }
-                store_tile(&tile, panel_m * MR, panel_n * NR, a.m, n, out);
             }
-        }
+        })
     }
 
     /// The reference every SIMD path is tested against.
     pub(crate) fn gemm(a: &PackedA, b: &[i16], n: usize, e: &Epilogue, out: &mut [u8]) {
-        let (bias, scale, q) = (e.bias, e.scale, e.q);
         let kp = a.kp();
-        for panel_m in 0..a.m.div_ceil(MR) {
+        tiles(a.m, n, e, out, |panel_m, panel_n, acc| {
             let pa = a.panel(panel_m);
+            let pb = &b[panel_n * kp * NR * 2..][..kp * NR * 2];
+            for p in 0..kp {
+                let bp = &pb[p * NR * 2..][..NR * 2];
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let w = pa[p * MR + r];
+                    let (w0, w1) = (w as i16 as i32, (w >> 16) as i16 as i32);
+                    for (j, c) in row.iter_mut().enumerate() {
+                        *c += w0 * bp[2 * j] as i32 + w1 * bp[2 * j + 1] as i32;
+                    }
+                }
+            }
+        })
+    }
+
+    /// The tile loops both share: `tile(panel_m, panel_n, acc)` sums one `MR × NR` tile.
+    fn tiles(
+        m: usize,
+        n: usize,
+        e: &Epilogue,
+        out: &mut [u8],
+        tile: impl Fn(usize, usize, &mut [[i32; NR]; MR]),
+    ) {
+        let (bias, scale, q) = (e.bias, e.scale, e.q);
+        for panel_m in 0..m.div_ceil(MR) {
             for panel_n in 0..n.div_ceil(NR) {
-                let pb = &b[panel_n * kp * NR * 2..][..kp * NR * 2];
                 let mut acc = [[0i32; NR]; MR];
-                for p in 0..kp {
-                    let bp = &pb[p * NR * 2..][..NR * 2];
-                    for (r, row) in acc.iter_mut().enumerate() {
-                        let w = pa[p * MR + r];
-                        let (w0, w1) = (w as i16 as i32, (w >> 16) as i16 as i32);
-                        for (j, c) in row.iter_mut().enumerate() {
-                            *c += w0 * bp[2 * j] as i32 + w1 * bp[2 * j + 1] as i32;
-                        }
-                    }
-                }
-                let mut tile = [[0u8; NR]; MR];
-                for r in 0..MR {
+                tile(panel_m, panel_n, &mut acc);
+                let mut bytes = [[0u8; NR]; MR];
+                for r in 0..MR.min(m - panel_m * MR) {
                     let row = panel_m * MR + r;
-                    if row >= a.m {
-                        break;
-                    }
                     for j in 0..NR {
-                        tile[r][j] = q.apply(acc[r][j].wrapping_add(bias[row]), scale[row]);
+                        bytes[r][j] = q.apply(acc[r][j].wrapping_add(bias[row]), scale[row]);
                     }
                 }
-                store_tile(&tile, panel_m * MR, panel_n * NR, a.m, n, out);
+                store_tile(&bytes, panel_m * MR, panel_n * NR, m, n, out);
             }
         }
     }
@@ -688,40 +683,20 @@ mod avx2 {
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn gemm(a: &PackedA, b: &[i16], n: usize, e: &Epilogue, out: &mut [u8]) {
-        let (bias, scale, q) = (e.bias, e.scale, e.q);
-        let kp = a.kp();
-        let k = bounds(q);
-        for panel_m in 0..a.m.div_ceil(MR) {
-            let pa = a.panel(panel_m).as_ptr();
-            let rows = MR.min(a.m - panel_m * MR);
-            for panel_n in 0..n.div_ceil(NR) {
-                let pb = b[panel_n * kp * NR * 2..][..kp * NR * 2].as_ptr();
-                let mut c = [_mm256_setzero_si256(); 2 * MR];
-                for p in 0..kp {
-                    // SAFETY: `p < kp`, and panels hold `kp` pairs of NR (B) / MR (A) entries.
-                    let (b0, b1, ap) = unsafe {
-                        let bp = pb.add(p * NR * 2) as *const __m256i;
-                        (
-                            _mm256_loadu_si256(bp),
-                            _mm256_loadu_si256(bp.add(1)),
-                            pa.add(p * MR),
-                        )
-                    };
-                    // Unrolled by the compiler: MR is a constant and `c` stays in registers.
-                    for r in 0..MR {
-                        // SAFETY: `r < MR`, inside the panel.
-                        let w = _mm256_set1_epi32(unsafe { *ap.add(r) });
-                        c[2 * r] = _mm256_add_epi32(c[2 * r], _mm256_madd_epi16(w, b0));
-                        c[2 * r + 1] = _mm256_add_epi32(c[2 * r + 1], _mm256_madd_epi16(w, b1));
-                    }
-                }
-                let col0 = panel_n * NR;
-                for r in 0..rows {
-                    let row = panel_m * MR + r;
-                    let bytes = requant16(c[2 * r], c[2 * r + 1], bias[row], scale[row], &k);
-                    store16(bytes, &mut out[row * n + col0..][..NR.min(n - col0)]);
-                }
-            }
+        assert_eq!(b.len(), n.div_ceil(NR) * a.kp() * NR * 2, "packed B");
+        let mac = |c, w, b| _mm256_add_epi32(c, _mm256_madd_epi16(w, b));
+        // SAFETY: AVX2 per the caller; the B panels' size is checked above.
+        unsafe {
+            tiles(
+                &a.data,
+                a.m,
+                a.kp(),
+                b.as_ptr() as *const __m256i,
+                n,
+                e,
+                out,
+                mac,
+            )
         }
     }
 
@@ -739,37 +714,71 @@ mod avx2 {
         e: &Epilogue,
         out: &mut [u8],
     ) {
-        let (bias, scale, q) = (e.bias, e.scale, e.q);
-        let kq = a.kq();
-        let k = bounds(q);
-        for panel_m in 0..a.m.div_ceil(MR) {
-            let pa = a.panel(panel_m).as_ptr();
-            let rows = MR.min(a.m - panel_m * MR);
-            for panel_n in 0..n.div_ceil(NR) {
-                let pb = b[panel_n * kq * NR * 4..][..kq * NR * 4].as_ptr();
-                let mut c = [_mm256_setzero_si256(); 2 * MR];
-                for p in 0..kq {
-                    // SAFETY: `p < kq`, and panels hold `kq` quads of NR (B) / MR (A) entries.
-                    let (b0, b1, ap) = unsafe {
-                        let bp = pb.add(p * NR * 4) as *const __m256i;
-                        (
-                            _mm256_loadu_si256(bp),
-                            _mm256_loadu_si256(bp.add(1)),
-                            pa.add(p * MR),
-                        )
-                    };
-                    for r in 0..MR {
-                        // SAFETY: `r < MR`, inside the panel.
-                        let w = _mm256_set1_epi32(unsafe { *ap.add(r) });
-                        c[2 * r] = _mm256_dpbusd_epi32(c[2 * r], b0, w);
-                        c[2 * r + 1] = _mm256_dpbusd_epi32(c[2 * r + 1], b1, w);
+        assert_eq!(b.len(), n.div_ceil(NR) * a.kq() * NR * 4, "packed B");
+        let mac = |c, w, b| _mm256_dpbusd_epi32(c, b, w);
+        // SAFETY: the features per the caller; the B panels' size is checked above.
+        unsafe {
+            tiles(
+                &a.data,
+                a.m,
+                a.kq(),
+                b.as_ptr() as *const __m256i,
+                n,
+                e,
+                out,
+                mac,
+            )
+        }
+    }
+
+    /// The tile loops both GEMMs share. Each step of the reduction holds, per panel, [`MR`]
+    /// i32 of A (one per row, broadcast) and 64 bytes of B (16 columns: i16 pairs or byte
+    /// quads); `mac(acc, a, b)` adds one step's products of 8 columns into `acc`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA, and whatever `mac` needs; `b` holds `n.div_ceil(NR) · depth` steps of two
+    /// vectors and `a` `m.div_ceil(MR) · depth · MR` values.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tiles(
+        a: &[i32],
+        m: usize,
+        depth: usize,
+        b: *const __m256i,
+        n: usize,
+        e: &Epilogue,
+        out: &mut [u8],
+        mac: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+    ) {
+        let (bias, scale) = (e.bias, e.scale);
+        assert!(a.len() >= m.div_ceil(MR) * depth * MR, "packed A");
+        // SAFETY: the caller's features and sizes.
+        unsafe {
+            let k = bounds(e.q);
+            for panel_m in 0..m.div_ceil(MR) {
+                let pa = a.as_ptr().add(panel_m * depth * MR);
+                let rows = MR.min(m - panel_m * MR);
+                for panel_n in 0..n.div_ceil(NR) {
+                    let pb = b.add(panel_n * depth * 2);
+                    let mut c = [_mm256_setzero_si256(); 2 * MR];
+                    for p in 0..depth {
+                        let (b0, b1) = (
+                            _mm256_loadu_si256(pb.add(2 * p)),
+                            _mm256_loadu_si256(pb.add(2 * p + 1)),
+                        );
+                        // Unrolled by the compiler: MR is a constant and `c` stays in registers.
+                        for r in 0..MR {
+                            let w = _mm256_set1_epi32(*pa.add(p * MR + r));
+                            c[2 * r] = mac(c[2 * r], w, b0);
+                            c[2 * r + 1] = mac(c[2 * r + 1], w, b1);
+                        }
                     }
-                }
-                let col0 = panel_n * NR;
-                for r in 0..rows {
-                    let row = panel_m * MR + r;
-                    let bytes = requant16(c[2 * r], c[2 * r + 1], bias[row], scale[row], &k);
-                    store16(bytes, &mut out[row * n + col0..][..NR.min(n - col0)]);
+                    let col0 = panel_n * NR;
+                    for r in 0..rows {
+                        let row = panel_m * MR + r;
+                        let bytes = requant16(c[2 * r], c[2 * r + 1], bias[row], scale[row], &k);
+                        store16(bytes, &mut out[row * n + col0..][..NR.min(n - col0)]);
+                    }
                 }
             }
         }
