@@ -307,6 +307,82 @@ mod sse2 {
     }
 }
 
+/// `dst[i] = table[src[i]]`.
+pub(crate) fn lookup(table: &[u8; 256], src: &[u8], dst: &mut [u8]) {
+    let n = src.len().min(dst.len());
+    // SAFETY: `n` bytes of each; distinct buffers (a `&mut` cannot alias a `&`).
+    let done = unsafe { lookup_simd(table, src.as_ptr(), dst.as_mut_ptr(), n) };
+    for (d, &b) in dst[done..n].iter_mut().zip(&src[done..n]) {
+        *d = table[b as usize];
+    }
+}
+
+/// `buf[i] = table[buf[i]]`.
+pub(crate) fn lookup_in_place(table: &[u8; 256], buf: &mut [u8]) {
+    let p = buf.as_mut_ptr();
+    // SAFETY: `buf.len()` bytes; each block is read before it is written.
+    let done = unsafe { lookup_simd(table, p, p, buf.len()) };
+    for b in &mut buf[done..] {
+        *b = table[*b as usize];
+    }
+}
+
+/// The SIMD part of a lookup: whole blocks where the CPU has a byte permute; returns how many
+/// bytes were done.
+///
+/// # Safety
+/// `src` and `dst` must be valid for `n` bytes; they may be equal but not otherwise overlap.
+#[inline]
+unsafe fn lookup_simd(table: &[u8; 256], src: *const u8, dst: *mut u8, n: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if simd::vbmi() {
+        // SAFETY: the CPU has AVX-512 F, BW and VBMI; the caller's bounds.
+        return unsafe { avx512::lookup(table, src, dst, n) };
+    }
+    let _ = (table, src, dst, n);
+    0
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// 64 table lookups per step: `vpermi2b` picks from entries 0-127 and from 128-255 by the
+    /// low seven bits of each index, and the index's top bit chooses between the two.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and VBMI; `src` and `dst` valid for `n` bytes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub(super) unsafe fn lookup(
+        table: &[u8; 256],
+        src: *const u8,
+        dst: *mut u8,
+        n: usize,
+    ) -> usize {
+        let t = table.as_ptr();
+        // SAFETY: the table is 256 bytes; blocks stay below `n`, per the caller.
+        unsafe {
+            let (t0, t1) = (
+                _mm512_loadu_si512(t as *const _),
+                _mm512_loadu_si512(t.add(64) as *const _),
+            );
+            let (t2, t3) = (
+                _mm512_loadu_si512(t.add(128) as *const _),
+                _mm512_loadu_si512(t.add(192) as *const _),
+            );
+            let blocks = n / 64;
+            for i in 0..blocks {
+                let idx = _mm512_loadu_si512(src.add(64 * i) as *const _);
+                let lo = _mm512_permutex2var_epi8(t0, idx, t1);
+                let hi = _mm512_permutex2var_epi8(t2, idx, t3);
+                let v = _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), lo, hi);
+                _mm512_storeu_si512(dst.add(64 * i) as *mut _, v);
+            }
+            64 * blocks
+        }
+    }
+}
+
 /// Splits a row of bytes by column parity, each byte XOR `flip`: columns 0, 2, 4, … to
 /// `even`, 1, 3, 5, … to `odd`, as many as each destination holds.
 pub(crate) fn deal2(src: &[u8], flip: u8, even: &mut [u8], odd: &mut [u8]) {
@@ -465,6 +541,17 @@ pub(crate) mod simd {
             std::env::var_os("TERN_NO_SIMD").is_none()
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
+        })
+    }
+
+    /// AVX-512 VBMI (`vpermi2b`): a 256-entry byte table looked up 64 bytes at a time.
+    pub(crate) fn vbmi() -> bool {
+        static VBMI: OnceLock<bool> = OnceLock::new();
+        *VBMI.get_or_init(|| {
+            std::env::var_os("TERN_NO_SIMD").is_none()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vbmi")
         })
     }
 
@@ -796,8 +883,15 @@ mod avx2 {
             let mut tmp = [0u8; 16];
             // SAFETY: `tmp` is 16 bytes.
             unsafe { _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, bytes) };
-            let n = dst.len();
-            dst.copy_from_slice(&tmp[..n]);
+            // Pieces of fixed sizes, each an inlined move (a tile's last columns are often
+            // partial: planes 12 or 24 wide).
+            let mut at = 0;
+            for size in [8, 4, 2, 1] {
+                if dst.len() & size != 0 {
+                    dst[at..at + size].copy_from_slice(&tmp[at..at + size]);
+                    at += size;
+                }
+            }
         }
     }
 
@@ -1330,6 +1424,23 @@ mod tests {
         }
         // A weight that needs 9 bits keeps the i16 kernels.
         assert!(PackedA4::pack(&[1, -200, 3], 1, 3).is_none());
+    }
+
+    #[test]
+    fn lookups_equal_the_table_at_every_length() {
+        let mut rng = Lcg(17);
+        let mut table = [0u8; 256];
+        table.iter_mut().for_each(|t| *t = rng.byte());
+        for n in (0..300).chain([4096, 4097]) {
+            let src: Vec<u8> = (0..n).map(|_| rng.byte()).collect();
+            let want: Vec<u8> = src.iter().map(|&b| table[b as usize]).collect();
+            let mut got = vec![0u8; n];
+            lookup(&table, &src, &mut got);
+            assert_eq!(got, want, "length {n}");
+            let mut buf = src.clone();
+            lookup_in_place(&table, &mut buf);
+            assert_eq!(buf, want, "in place, length {n}");
+        }
     }
 
     #[test]

@@ -61,9 +61,7 @@ impl EvalOp for Lut {
         let x = args_1!(inputs);
         // SAFETY: every byte is written below.
         let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt, x.shape())? };
-        for (o, i) in out.as_bytes_mut().iter_mut().zip(x.as_bytes()) {
-            *o = self.table[*i as usize];
-        }
+        super::kernels::lookup(&self.table, x.as_bytes(), out.as_bytes_mut());
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -178,10 +176,10 @@ fn lookup2(
                 }
             }
             (false, true) => {
-                let row = &table[(major[oa] as usize) << 8..][..256];
-                for (o, &y) in block.iter_mut().zip(&minor[ob..ob + inner]) {
-                    *o = row[y as usize];
-                }
+                let row = table[(major[oa] as usize) << 8..][..256]
+                    .try_into()
+                    .expect("a row of 256");
+                super::kernels::lookup(row, &minor[ob..ob + inner], block);
             }
             (true, false) => {
                 let y = minor[ob] as usize;

@@ -405,9 +405,7 @@ impl QConv {
     #[inline]
     fn apply_post(&self, out: &mut [u8]) {
         if let Some(table) = &self.post {
-            for o in out {
-                *o = table[*o as usize];
-            }
+            kernels::lookup_in_place(table, out);
         }
     }
 }
