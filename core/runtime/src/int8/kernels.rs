@@ -7,7 +7,12 @@
 //! simply 0.
 //!
 //! - [`gemm`]: `C = A·B` over i16 pairs with i32 accumulation (`vpmaddwd` on x86_64 with AVX2,
-//!   a portable loop elsewhere), used by pointwise, dense and grouped convolutions.
+//!   `smlal` on aarch64, a portable loop elsewhere), used by pointwise, dense and grouped
+//!   convolutions.
+//! - [`gemm4`]: the same over byte quads on CPUs with a dot-product instruction (AVX-512 VNNI
+//!   `vpdpbusd`, aarch64 `sdot`), for weights that fit an i8 once their zero point is
+//!   subtracted (symmetric int8 weights, what onnxruntime's quantizer writes by default). The
+//!   activations stay raw bytes there; the zero-point term moves into the bias at load.
 //! - [`depthwise`]: a direct kernel (no im2col). Products of two 9-bit values are exact in f32
 //!   and so are sums of up to 258 of them, so the taps run as f32 multiply-adds, which vectorise
 //!   far better than i32 multiplies, and give the same integers.
