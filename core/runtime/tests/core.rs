@@ -188,8 +188,28 @@ fn batch_size_does_not_change_results() {
     }
 }
 
+/// A build without the `threads` feature (a one-thread app library) must say so rather than
+/// run on fewer threads than asked.
+#[cfg(not(feature = "threads"))]
+#[test]
+fn a_one_thread_build_refuses_more_threads() {
+    let e = err(Model::load(
+        model_path("digits"),
+        &ModelOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    ));
+    assert_eq!(
+        e,
+        "invalid option: 2 threads asked for, but this build runs models on one thread \
+         (tern-core's `threads` feature is off)"
+    );
+}
+
 #[test]
 fn threads_and_f16_still_give_the_right_answers() {
+    #[cfg(feature = "threads")]
     let threaded = evaluate(
         "digits",
         &ModelOptions {
@@ -198,6 +218,7 @@ fn threads_and_f16_still_give_the_right_answers() {
         },
         64,
     );
+    #[cfg(feature = "threads")]
     assert!(threaded.agreement >= 0.99 && threaded.max_abs_diff <= tolerance("digits"));
 
     let model = Model::load(

@@ -88,6 +88,13 @@ fn prepare_inner(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
     if options.threads == 0 {
         return Err(Error::InvalidOption("threads must be at least 1".into()));
     }
+    if options.threads > 1 && !cfg!(feature = "threads") {
+        return Err(Error::InvalidOption(format!(
+            "{} threads asked for, but this build runs models on one thread (tern-core's \
+             `threads` feature is off)",
+            options.threads
+        )));
+    }
     if options.max_batch == Some(0) {
         return Err(Error::InvalidOption("max_batch must be at least 1".into()));
     }
@@ -417,11 +424,21 @@ fn cuda_device() -> Result<(Device, Option<String>)> {
     ))
 }
 
+#[cfg(feature = "threads")]
+fn executor(threads: usize) -> Option<tract_linalg::multithread::Executor> {
+    (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads))
+}
+
+/// One thread: `prepare` refused more.
+#[cfg(not(feature = "threads"))]
+fn executor(_threads: usize) -> Option<tract_linalg::multithread::Executor> {
+    None
+}
+
 /// Decluttered model → tract's optimized, runnable plan.
 pub(crate) fn optimize(typed: TypedModel, compile: &Compile) -> Result<Arc<TypedSimplePlan>> {
-    let threads = compile.threads;
     let run_options = tract_onnx::tract_core::runtime::RunOptions {
-        executor: (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads)),
+        executor: executor(compile.threads),
         ..Default::default()
     };
     if compile.device == Device::Cuda {
