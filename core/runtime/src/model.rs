@@ -20,6 +20,7 @@ pub enum Precision {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelOptions {
     /// Threads for one forward pass. 1 (the default) runs on the caller's thread only.
+    /// Above 1 needs the `threads` cargo feature (on by default); without it, load fails.
     pub threads: usize,
     pub precision: Precision,
     /// Makes axis 0 of every input a symbolic batch named so, for models exported with a fixed
