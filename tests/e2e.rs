@@ -533,3 +533,57 @@ fn warm_up_samples_gate_readiness() {
     drop(d);
     std::fs::remove_dir_all(root).ok();
 }
+
+/// A restarted daemon reuses the plan decision its first start measured (`fastest` times both
+/// plans once), and serves the same answers.
+#[test]
+fn plan_decisions_survive_a_restart() {
+    let root = std::env::temp_dir().join(format!("tern-e2e-decisions-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let cache = root.join("cache");
+    std::fs::create_dir_all(root.join("repo/cls/1")).unwrap();
+    std::fs::copy(
+        repo().join("models/digits/1/model.onnx"),
+        root.join("repo/cls/1/model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("repo/cls/config.toml"),
+        format!(
+            "plans = \"fastest\"\ncache_dir = {:?}\n",
+            cache.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let entries = || -> Vec<PathBuf> {
+        std::fs::read_dir(&cache)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    };
+    let repository = root.join("repo");
+    let args = ["--repository", repository.to_str().unwrap()];
+    let d = Daemon::start(&args);
+    let (status, first) = d.post("/v2/models/cls/infer", &digits_request(3, "a"));
+    assert_eq!(status, 200, "{first}");
+    d.stop();
+    let kept = entries();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let decision = std::fs::read_to_string(&kept[0]).unwrap();
+    assert!(decision.starts_with("tern-plan-decision 1\n"), "{decision}");
+    let written = std::fs::metadata(&kept[0]).unwrap().modified().unwrap();
+
+    let d = Daemon::start(&args);
+    let (status, second) = d.post("/v2/models/cls/infer", &digits_request(3, "a"));
+    assert_eq!(status, 200, "{second}");
+    d.stop();
+    // Read, not decided again: the entry is the same file, untouched.
+    assert_eq!(entries(), kept);
+    assert_eq!(
+        std::fs::metadata(&kept[0]).unwrap().modified().unwrap(),
+        written
+    );
+    assert_eq!(std::fs::read_to_string(&kept[0]).unwrap(), decision);
+    let outputs = |r: &str| r[r.find("\"outputs\"").unwrap()..].to_string();
+    assert_eq!(outputs(&first), outputs(&second));
+    std::fs::remove_dir_all(root).ok();
+}

@@ -178,6 +178,11 @@ pub struct ModelConfig {
     /// tract's graph-wide axis rewrites while preparing; `false` prepares conv nets faster
     /// (quicker restarts and hot swaps; MobileNetV3 cold start 158 → 98 ms), see BENCHMARKS.md.
     pub axis_rewrites: bool,
+    /// Directory where plan decisions are kept across restarts (`auto`: the probe run;
+    /// `fastest`: timing both plans), e.g. `cache_dir = "/var/cache/ternd"` under
+    /// `[model_defaults]`. Unset: every load decides again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// An executor setting named in a config file (`plans = "concrete"`, `device = "cuda"`),
@@ -374,6 +379,7 @@ impl Default for ModelConfig {
             plan_cache: 8,
             device: DeviceName::default(),
             axis_rewrites: true,
+            cache_dir: None,
         }
     }
 }
@@ -508,6 +514,7 @@ impl ModelConfig {
             plan_cache: self.plan_cache.max(1),
             device: self.device.0,
             axis_rewrites: self.axis_rewrites,
+            cache_dir: self.cache_dir.clone(),
             ..Default::default()
         }
     }

@@ -14,6 +14,18 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// Turns off backtraces of library errors unless `RUST_LIB_BACKTRACE` says otherwise. tract
+/// uses `anyhow` errors as control flow while it prepares a model; with `RUST_BACKTRACE=1` in
+/// the environment each one captured a backtrace, 7 ms of MobileNetV3's 55 ms cold start
+/// (BENCHMARKS.md). Panics keep their backtraces: those follow `RUST_BACKTRACE` alone.
+///
+/// Call it first in `main`, before any thread starts: it sets an environment variable.
+pub fn quiet_library_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+}
+
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {

@@ -204,7 +204,7 @@ impl Engine {
     /// Prepares an ONNX model held in memory (an app asset, a download).
     #[uniffi::constructor]
     pub fn from_bytes(bytes: Vec<u8>, options: ModelOptions) -> Result<Arc<Engine>> {
-        Engine::new(tern_core::Model::from_bytes(&bytes, &options.to_core()?)?)
+        Engine::new(tern_core::Model::from_vec(bytes, &options.to_core()?)?)
     }
 
     pub fn inputs(&self) -> Vec<TensorSpec> {

@@ -51,6 +51,12 @@ pub struct ModelOptions {
     /// 158 → 98 ms) and the models measured ran as fast; graphs full of reshapes and transposes
     /// may run slower without it.
     pub axis_rewrites: bool,
+    /// Directory where plan decisions are kept between loads (`None`, the default: decide at
+    /// every load). In `auto` and `fastest` modes a later load of the same model skips the
+    /// probe run or the timing of both plans (`fastest`: MobileNetV3-Small 685 → 90 ms), see
+    /// BENCHMARKS.md. Entries are keyed by the model's sha256, tract's version, the CPU's
+    /// features and these options; a cache that cannot be read or written is only a warning.
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 /// Where a model runs.
@@ -191,6 +197,7 @@ impl Default for ModelOptions {
             plan_cache: 8,
             device: Device::Cpu,
             axis_rewrites: true,
+            cache_dir: None,
         }
     }
 }
@@ -218,13 +225,20 @@ impl Model {
             path: path.display().to_string(),
             source,
         })?;
-        Model::from_bytes(&bytes, options)
+        Model::from_vec(bytes, options)
     }
 
-    /// Prepares an ONNX model held in memory.
+    /// Prepares an ONNX model held in memory. [`Model::from_vec`] saves a copy of the weights
+    /// when the caller can give the buffer away.
     pub fn from_bytes(bytes: &[u8], options: &ModelOptions) -> Result<Model> {
+        Model::from_vec(bytes.to_vec(), options)
+    }
+
+    /// Prepares an ONNX model handed over in memory: weights are decoded straight out of this
+    /// buffer, which is freed once the model is prepared.
+    pub fn from_vec(bytes: Vec<u8>, options: &ModelOptions) -> Result<Model> {
         let started = std::time::Instant::now();
-        let prepared = prepare::prepare(bytes, options)?;
+        let prepared = prepare::prepare(bytes.into(), options)?;
         log::debug!("model prepared in {:?}", started.elapsed());
         Ok(Model {
             inner: Arc::new(prepared),

@@ -309,6 +309,59 @@ fn fastest_measures_both_and_says_which_won() {
 }
 
 #[test]
+fn plan_decisions_kept_on_disk_are_reused_and_change_no_result() {
+    let dir = std::env::temp_dir().join(format!("tern-exports-decisions-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let reused = |m: &Model| {
+        m.inspection()
+            .plan
+            .why
+            .contains("decided at an earlier load")
+    };
+    for mode in [PlanMode::Auto, PlanMode::Fastest] {
+        let options = ModelOptions {
+            cache_dir: Some(dir.clone()),
+            ..plans(mode)
+        };
+        // Each load is checked against onnxruntime: the first decides, the second reuses.
+        let (first, _) = check_every_case(&options);
+        let (second, _) = check_every_case(&options);
+        for (name, m) in &first {
+            let again = &second[name];
+            assert!(!reused(m), "{mode} {name}: {}", m.inspection().plan.why);
+            assert!(
+                reused(again),
+                "{mode} {name}: {}",
+                again.inspection().plan.why
+            );
+            assert_eq!(
+                again.inspection().plan.kind,
+                m.inspection().plan.kind,
+                "{mode} {name}"
+            );
+        }
+    }
+    // A damaged entry is decided again and written anew.
+    let entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 2 * 5, "{entries:?}");
+    for e in &entries {
+        std::fs::write(e, b"\x00 not a decision").unwrap();
+    }
+    let options = ModelOptions {
+        cache_dir: Some(dir.clone()),
+        ..plans(PlanMode::Fastest)
+    };
+    let (models, _) = check_every_case(&options);
+    assert!(models.values().all(|m| !reused(m)));
+    let (models, _) = check_every_case(&options);
+    assert!(models.values().all(reused));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn warm_up_prepares_every_planned_batch_size() {
     let options = ModelOptions {
         plans: PlanMode::Concrete,

@@ -3,6 +3,7 @@
 //! run. Nothing here is on the request path.
 
 mod branches;
+mod decisions;
 mod graph;
 pub(crate) mod plans;
 mod qdq;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use sha2::Digest;
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
@@ -80,11 +82,11 @@ pub(crate) struct Compile {
     axis_rewrites: bool,
 }
 
-pub(crate) fn prepare(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
+pub(crate) fn prepare(bytes: bytes::Bytes, options: &ModelOptions) -> Result<Prepared> {
     catch("preparing the model", || prepare_inner(bytes, options))
 }
 
-fn prepare_inner(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
+fn prepare_inner(bytes: bytes::Bytes, options: &ModelOptions) -> Result<Prepared> {
     if options.threads == 0 {
         return Err(Error::InvalidOption("threads must be at least 1".into()));
     }
@@ -99,7 +101,27 @@ fn prepare_inner(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
         return Err(Error::InvalidOption("max_batch must be at least 1".into()));
     }
     let ladder = plans::ladder(&options.batch_sizes, options.max_batch)?;
-    let mut proto = decode(bytes)?;
+    let (proto, digest) = match &options.cache_dir {
+        // The digest runs beside the decoding: on a second core it costs no time.
+        Some(_) if decisions::decides(options.plans) => {
+            let whole = bytes.clone();
+            std::thread::scope(|s| {
+                let digest = s.spawn(move || sha2::Sha256::digest(&whole));
+                let proto = decode(bytes);
+                (proto, digest.join().ok())
+            })
+        }
+        _ => (decode(bytes), None),
+    };
+    let mut proto = proto?;
+    let decisions = match (&options.cache_dir, digest) {
+        (Some(dir), Some(digest)) => Some(decisions::Decisions::new(dir, &digest, options)),
+        _ => None,
+    };
+    let cached = decisions.as_ref().and_then(|d| d.read());
+    let cached_kind = cached.as_ref().map(|v| v.kind);
+    // A symbolic plan chosen before passed its probe then; the model and tract are the same.
+    let probed = cached_kind == Some(PlanKind::Symbolic);
     let onnx = tract_onnx::onnx();
     check_ops(&onnx, proto.graph.as_ref().expect("checked by decode"))?;
     let (op_histogram, parameter_bytes) = census(proto.graph.as_ref().expect("checked by decode"));
@@ -152,9 +174,11 @@ fn prepare_inner(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
         ladder: &ladder,
         declared_outputs: &declared_outputs,
     };
-    let attempt = |ignore: bool| symbolic(&proto, ignore, &ctx).and_then(probe);
-    let symbolic = match options.plans {
-        PlanMode::Concrete => None,
+    let attempt = |ignore: bool| {
+        symbolic(&proto, ignore, &ctx).and_then(|p| if probed { Ok(p) } else { probe(p) })
+    };
+    let symbolic = match (options.plans, cached_kind) {
+        (PlanMode::Concrete, _) | (_, Some(PlanKind::Concrete)) => None,
         _ => Some(match attempt(ignore_declared) {
             // Exporters declare shapes with their own symbols (`Ho`) that tract cannot equate
             // with what it derives (`(H+1)/2`); tract re-derives them all anyway.
@@ -172,7 +196,7 @@ fn prepare_inner(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
         }),
     };
     let mut prepared = match symbolic {
-        Some(Ok(s)) if options.plans != PlanMode::Fastest => s,
+        Some(Ok(s)) if options.plans != PlanMode::Fastest || probed => s,
         Some(Ok(s)) => match concrete(proto, &ctx) {
             Ok(c) => fastest(s, c)?,
             Err(e) => {
@@ -206,11 +230,31 @@ fn prepare_inner(bytes: &[u8], options: &ModelOptions) -> Result<Prepared> {
             c
         }
         None => {
-            let mut c = concrete(proto, &ctx)?;
+            let mut c = concrete(proto, &ctx).inspect_err(|_| {
+                if let Some(d) = &decisions {
+                    d.forget();
+                }
+            })?;
             c.inspection.plan.why = "concrete plans were asked for".into();
             c
         }
     };
+    if let Some(d) = &decisions {
+        let plan = &mut prepared.inspection.plan;
+        match cached {
+            Some(v) if v.kind == plan.kind => {
+                plan.why = format!(
+                    "{} (decided at an earlier load, kept in {})",
+                    v.why,
+                    d.path().display()
+                );
+            }
+            _ => d.write(&decisions::Verdict {
+                kind: plan.kind,
+                why: plan.why.clone(),
+            }),
+        }
+    }
     prepared.inspection.rewrites.append(&mut rewrites);
     prepared.inspection.device = device;
     prepared.inspection.device_note = device_note;
@@ -815,7 +859,10 @@ fn pins_batch(proto: &pb::ModelProto, pins: &[crate::model::PinnedInput], batch:
         })
 }
 
-fn decode(bytes: &[u8]) -> Result<pb::ModelProto> {
+/// From `Bytes`, prost slices each weight payload out of the buffer and copies it once; from a
+/// `&[u8]` it copies it twice (into a `Bytes`, then into the field), which on ResNet-18 (47 MB)
+/// is tens of milliseconds of page faults at load.
+fn decode(bytes: bytes::Bytes) -> Result<pb::ModelProto> {
     if bytes.is_empty() {
         return Err(Error::NotOnnx("the file is empty".into()));
     }

@@ -18,8 +18,12 @@ use crate::error::{Error, Result};
 
 /// Concrete plans for one model. Shared by every session; sessions cache the states they made.
 pub(crate) struct Concrete {
-    /// The rewritten model with its symbols still in place; each plan pins it anew.
+    /// The rewritten model with its symbols still in place, without its weights; each plan
+    /// pins a copy.
     source: pb::ModelProto,
+    /// The graph's initializers, lent to one plan's preparation at a time. Cloned per plan they
+    /// were a copy of every weight: a quarter of ResNet-18's load.
+    weights: Mutex<Vec<pb::TensorProto>>,
     compile: Compile,
     /// Sorted, distinct, at least one.
     batch_sizes: Vec<usize>,
@@ -57,14 +61,20 @@ impl Cache {
 
 impl Concrete {
     pub(crate) fn new(
-        source: pb::ModelProto,
+        mut source: pb::ModelProto,
         compile: Compile,
         batch_sizes: Vec<usize>,
         batched: Vec<bool>,
         limit: usize,
     ) -> Concrete {
+        let weights = source
+            .graph
+            .as_mut()
+            .map(|g| std::mem::take(&mut g.initializer))
+            .unwrap_or_default();
         Concrete {
             source,
+            weights: Mutex::new(weights),
             compile,
             batch_sizes,
             batched,
@@ -164,12 +174,17 @@ impl Concrete {
         &self.source
     }
 
-    /// The decluttered model for these input shapes.
+    /// The decluttered model for these input shapes. Plans are built one at a time, each with
+    /// the weights lent to it.
     pub(crate) fn typed(&self, shapes: &[Vec<usize>]) -> Result<TypedModel> {
-        let mut proto = self.source.clone();
-        shapes::pin_all(&mut proto, shapes)?;
-        branches::fold_constant_ifs(&mut proto);
-        compile(&proto, true, &self.compile)
+        let mut lent = Lent::new(
+            self.source.clone(),
+            self.weights.lock().unwrap_or_else(|p| p.into_inner()),
+        );
+        let proto = &mut lent.proto;
+        shapes::pin_all(proto, shapes)?;
+        branches::fold_constant_ifs(proto);
+        compile(proto, true, &self.compile)
     }
 
     /// Plans currently cached, for tests and metrics.
@@ -180,6 +195,38 @@ impl Concrete {
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         // Every update is one push, swap_remove or assignment: a poisoned lock is consistent.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A copy of the source with the weights moved in, moved back on drop (a panic in tract
+/// included), so that the next plan finds them.
+struct Lent<'a> {
+    proto: pb::ModelProto,
+    home: std::sync::MutexGuard<'a, Vec<pb::TensorProto>>,
+    /// Initializers the model owns; folded `If` branches append their own after them.
+    owned: usize,
+}
+
+impl<'a> Lent<'a> {
+    fn new(
+        mut proto: pb::ModelProto,
+        mut home: std::sync::MutexGuard<'a, Vec<pb::TensorProto>>,
+    ) -> Lent<'a> {
+        let owned = home.len();
+        if let Some(g) = proto.graph.as_mut() {
+            g.initializer = std::mem::take(&mut *home);
+        }
+        Lent { proto, home, owned }
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = self.proto.graph.as_mut() {
+            let mut weights = std::mem::take(&mut g.initializer);
+            weights.truncate(self.owned);
+            *self.home = weights;
+        }
     }
 }
 

@@ -159,6 +159,10 @@ struct PrepArgs {
     /// 158 → 98 ms).
     #[arg(long)]
     no_axis_rewrites: bool,
+    /// Keep plan decisions here between runs (auto: the probe; fastest: the timing of both
+    /// plans), keyed by the model's sha256.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 impl PrepArgs {
@@ -177,12 +181,14 @@ impl PrepArgs {
             plans: self.plans,
             device: self.device,
             axis_rewrites: !self.no_axis_rewrites,
+            cache_dir: self.cache_dir.clone(),
             ..Default::default()
         }
     }
 }
 
 fn main() {
+    tern_daemon::quiet_library_backtraces();
     // Microseconds: `RUST_LOG=debug` then times the steps of a model's preparation.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_micros()
