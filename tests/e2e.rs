@@ -570,18 +570,20 @@ fn plan_decisions_survive_a_restart() {
     assert_eq!(kept.len(), 1, "{kept:?}");
     let decision = std::fs::read_to_string(&kept[0]).unwrap();
     assert!(decision.starts_with("tern-plan-decision 1\n"), "{decision}");
-    let written = std::fs::metadata(&kept[0]).unwrap().modified().unwrap();
+    let stamp = |p: &PathBuf| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).unwrap();
+        (m.ino(), m.modified().unwrap())
+    };
+    let written = stamp(&kept[0]);
 
     let d = Daemon::start(&args);
     let (status, second) = d.post("/v2/models/cls/infer", &digits_request(3, "a"));
     assert_eq!(status, 200, "{second}");
     d.stop();
-    // Read, not decided again: the entry is the same file, untouched.
+    // Read, not decided again: a rewrite would rename a new file over the entry.
     assert_eq!(entries(), kept);
-    assert_eq!(
-        std::fs::metadata(&kept[0]).unwrap().modified().unwrap(),
-        written
-    );
+    assert_eq!(stamp(&kept[0]), written);
     assert_eq!(std::fs::read_to_string(&kept[0]).unwrap(), decision);
     let outputs = |r: &str| r[r.find("\"outputs\"").unwrap()..].to_string();
     assert_eq!(outputs(&first), outputs(&second));

@@ -97,6 +97,11 @@ pub struct ModelOptions {
     /// Run QDQ-quantized convolutions and matrix products on int8 kernels.
     #[uniffi(default = true)]
     pub int8_fusion: bool,
+    /// A directory (the app's cache directory) where what a load measured to choose its plan
+    /// is kept for the next launch, keyed by the model's sha256 (LiteRT's GPU delegate keeps
+    /// its serialization directory for the same reason). `None`: decided at every load.
+    #[uniffi(default)]
+    pub cache_dir: Option<String>,
 }
 
 impl Default for ModelOptions {
@@ -107,6 +112,7 @@ impl Default for ModelOptions {
             max_batch: None,
             batch_dim: None,
             int8_fusion: true,
+            cache_dir: None,
         }
     }
 }
@@ -132,6 +138,7 @@ impl ModelOptions {
             batch_symbol: self.batch_dim.clone(),
             max_batch: self.max_batch.map(|b| b as usize),
             int8_fusion: self.int8_fusion,
+            cache_dir: self.cache_dir.as_ref().map(std::path::PathBuf::from),
             ..Default::default()
         })
     }

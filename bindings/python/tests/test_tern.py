@@ -69,6 +69,24 @@ def test_metadata_and_options():
     assert tern.version()
 
 
+def test_plan_decisions_are_kept_for_the_next_launch(tmp_path):
+    cache = tmp_path / "tern-cache"
+    options = tern.ModelOptions(cache_dir=str(cache))
+    first = tern.Engine.from_path(model("digits"), options)
+    (entry,) = cache.iterdir()
+    kept = entry.read_text()
+    assert kept.startswith("tern-plan-decision 1\n"), kept
+    stamp = (entry.stat().st_ino, entry.stat().st_mtime_ns)
+    second = tern.Engine.from_path(model("digits"), options)
+    # Read, not decided and written again (a rewrite renames a new file over it).
+    assert list(cache.iterdir()) == [entry]
+    assert (entry.stat().st_ino, entry.stat().st_mtime_ns) == stamp
+    name = first.inputs()[0].name
+    (a,) = first.infer([tensor(name, X[:8])])
+    (b,) = second.infer([tensor(name, X[:8])])
+    np.testing.assert_array_equal(logits(a), logits(b))
+
+
 def test_wrong_shapes_dtypes_and_names_are_clear_errors():
     engine = tern.Engine.from_path(model("digits"), tern.ModelOptions())
     name = engine.inputs()[0].name

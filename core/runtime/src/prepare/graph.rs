@@ -66,6 +66,11 @@ impl GraphIndex {
         self.producer.get(value).map(|&ix| &g.node[ix])
     }
 
+    /// Position in the graph's node list of the node producing `value`.
+    pub(crate) fn producer_ix(&self, value: &str) -> Option<usize> {
+        self.producer.get(value).copied()
+    }
+
     pub(crate) fn consumers(&self, value: &str) -> &[usize] {
         self.consumers
             .get(value)
@@ -235,4 +240,37 @@ pub(crate) fn prune_dead(g: &mut pb::GraphProto) {
         g.output.iter().map(|o| o.name.clone()).collect();
     g.initializer
         .retain(|t| used.contains(t.name.as_str()) || outputs.contains(&t.name));
+}
+
+/// Graph builders for the rewrites' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use tract_onnx::pb;
+
+    pub(crate) fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> pb::NodeProto {
+        pb::NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// A model of `nodes` whose graph outputs are `outputs`.
+    pub(crate) fn model(nodes: Vec<pb::NodeProto>, outputs: &[&str]) -> pb::ModelProto {
+        pb::ModelProto {
+            graph: Some(pb::GraphProto {
+                node: nodes,
+                output: outputs
+                    .iter()
+                    .map(|o| pb::ValueInfoProto {
+                        name: o.to_string(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! Tern's rewrites, let tract type, declutter and optimize, and build the plan that sessions
 //! run. Nothing here is on the request path.
 
+mod activations;
 mod branches;
 mod decisions;
 mod graph;
@@ -138,6 +139,7 @@ fn prepare_inner(bytes: bytes::Bytes, options: &ModelOptions) -> Result<Prepared
     let batch = batch.filter(|b| !pins_batch(&proto, &options.pinned, b));
     // Before any fusion: correctness does not depend on the int8 option.
     reductions::protect(&mut proto);
+    let hard_swish = activations::fuse_hard_swish(&mut proto);
     let report = if options.int8_fusion {
         qdq::fuse(&mut proto)
     } else {
@@ -151,6 +153,11 @@ fn prepare_inner(bytes: bytes::Bytes, options: &ModelOptions) -> Result<Prepared
         .clone();
     let pinned = shapes::pin(&mut proto, &options.pinned)?;
     let mut rewrites = branches::fold_constant_ifs(&mut proto);
+    if hard_swish > 0 {
+        rewrites.push(format!(
+            "{hard_swish} HardSigmoid·Mul pairs (h-swish) fused into HardSwish"
+        ));
+    }
     let (device, device_note) = device(options.device)?;
     let compile = Compile {
         precision: options.precision,

@@ -93,30 +93,8 @@ pub(crate) fn protect(model: &mut pb::ModelProto) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::graph::testing::{model, node};
     use super::*;
-
-    fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> pb::NodeProto {
-        pb::NodeProto {
-            op_type: op.into(),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: outputs.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
-    }
-
-    fn model(nodes: Vec<pb::NodeProto>, output: &str) -> pb::ModelProto {
-        pb::ModelProto {
-            graph: Some(pb::GraphProto {
-                node: nodes,
-                output: vec![pb::ValueInfoProto {
-                    name: output.into(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
 
     #[test]
     fn the_qdq_pair_after_a_softmax_is_removed_and_its_output_name_kept() {
@@ -127,7 +105,7 @@ mod tests {
                 node("QuantizeLinear", &["p", "s2", "z2"], &["pq"]),
                 node("DequantizeLinear", &["pq", "s2", "z2"], &["probs"]),
             ],
-            "probs",
+            &["probs"],
         );
         assert_eq!(protect(&mut m), vec!["Softmax"]);
         let g = m.graph.unwrap();
@@ -144,7 +122,7 @@ mod tests {
             node("QuantizeLinear", &["r", "s", "z"], &["rq"]),
             node("DequantizeLinear", &["rq", "s", "z"], &["out"]),
         ];
-        let mut m = model(nodes, "out");
+        let mut m = model(nodes, &["out"]);
         assert!(protect(&mut m).is_empty());
         // A Softmax whose output is also read elsewhere keeps its Q/DQ (no single chain).
         let mut m = model(
@@ -154,7 +132,7 @@ mod tests {
                 node("DequantizeLinear", &["pq", "s", "z"], &["out"]),
                 node("Identity", &["p"], &["also"]),
             ],
-            "out",
+            &["out"],
         );
         assert!(protect(&mut m).is_empty());
     }
