@@ -88,9 +88,12 @@ impl Decisions {
         let Some(dir) = self.path.parent() else {
             return;
         };
+        // Unique per write: two loads of one model in one process may decide at once.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = self
             .path
-            .with_extension(format!("tmp.{}", std::process::id()));
+            .with_extension(format!("tmp.{}.{n}", std::process::id()));
         let body = format!("{TAG}\n{}\n{}\n", verdict.kind, one_line(&verdict.why));
         let written = std::fs::create_dir_all(dir)
             .and_then(|_| std::fs::File::create(&tmp))
@@ -196,6 +199,31 @@ mod tests {
         assert!(Decisions::new(&d, b"model-a", &elsewhere).read().is_some());
         entry.forget();
         assert_eq!(entry.read(), None);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn loads_deciding_at_once_leave_one_whole_entry() {
+        let d = dir("racing");
+        let entry = Decisions::new(&d, b"model", &ModelOptions::default());
+        std::thread::scope(|s| {
+            for i in 0..8 {
+                let entry = &entry;
+                s.spawn(move || {
+                    entry.write(&Verdict {
+                        kind: if i % 2 == 0 {
+                            PlanKind::Symbolic
+                        } else {
+                            PlanKind::Concrete
+                        },
+                        why: format!("writer {i}"),
+                    })
+                });
+            }
+        });
+        assert!(entry.read().is_some());
+        let left: Vec<_> = std::fs::read_dir(&d).unwrap().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
