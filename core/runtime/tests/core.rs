@@ -651,6 +651,25 @@ fn tern_adds_no_allocation_to_tracts_own_per_run() {
     }
 }
 
+/// A graph large enough to be prepared in parts (`prepare/parts.rs`): handing tensors from
+/// part to part allocates nothing either. Raw tract runs the graph whole.
+#[test]
+fn a_graph_prepared_in_parts_allocates_no_more_than_tract_whole() {
+    let path = repo().join("models/testdata/mobilenet/fp32.onnx");
+    let shape = [1usize, 3, 48, 192];
+    let raw = raw_tract_allocations(&path, &shape, 20);
+    let tern = tern_allocations(&path, &shape, 20, &ModelOptions::default());
+    println!(
+        "mobilenet: raw tract {} allocations/run, tern {}",
+        raw / 20,
+        tern / 20
+    );
+    assert!(
+        tern <= raw,
+        "tern {tern} vs raw tract {raw} allocations in 20 runs"
+    );
+}
+
 mod batching {
     use super::*;
     use std::sync::Arc;

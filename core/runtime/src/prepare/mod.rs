@@ -6,6 +6,7 @@ mod activations;
 mod branches;
 mod decisions;
 mod graph;
+pub(crate) mod parts;
 pub(crate) mod plans;
 mod qdq;
 mod reductions;
@@ -60,7 +61,7 @@ impl ModelInfo {
 
 /// How a prepared model runs shapes.
 pub(crate) enum Plans {
-    Symbolic(Arc<TypedSimplePlan>),
+    Symbolic(Arc<parts::Plan>),
     Concrete(Box<plans::Concrete>),
 }
 
@@ -354,8 +355,8 @@ fn hint(proto: &pb::ModelProto, batch: Option<&str>) -> String {
     }
 }
 
-/// ONNX → decluttered typed model (in f16 when asked).
-pub(crate) fn compile(
+/// ONNX → typed model: tract's analysis, int8 convolutions fused; not decluttered yet.
+pub(crate) fn analyse(
     proto: &pb::ModelProto,
     ignore_declared: bool,
     compile: &Compile,
@@ -377,18 +378,24 @@ pub(crate) fn compile(
             .and_then(|_| crate::int8::fuse(&mut typed))
             .map_err(|e| Error::Prepare(format!("fusing int8 convolutions: {}", chain(&e))))?;
     }
-    let analysed = started.elapsed();
-    declutter(&mut typed, compile.axis_rewrites).map_err(|e| Error::Prepare(chain(&e)))?;
     log::debug!(
-        "tract import {imported:.1?}, typing {:.1?}, declutter {:.1?}",
-        analysed - imported,
-        started.elapsed() - analysed
+        "tract import {imported:.1?}, typing {:.1?}",
+        started.elapsed() - imported
     );
+    Ok(typed)
+}
+
+/// Typed model → decluttered (in f16 when asked), with Tern's int8 rewrites that need tract's
+/// simplified graph.
+fn finish(typed: &mut TypedModel, compile: &Compile) -> Result<()> {
+    let started = Instant::now();
+    declutter(typed, compile.axis_rewrites).map_err(|e| Error::Prepare(chain(&e)))?;
+    log::debug!("tract declutter {:.1?}", started.elapsed());
     if compile.int8_kernels {
         let started = Instant::now();
-        let tables = crate::int8::fuse_islands(&mut typed)
+        let tables = crate::int8::fuse_islands(typed)
             .map_err(|e| Error::Prepare(format!("fusing int8 activations: {}", chain(&e))))?;
-        let folded = crate::int8::fold_tables(&mut typed)
+        let folded = crate::int8::fold_tables(typed)
             .map_err(|e| Error::Prepare(format!("folding lookup tables: {}", chain(&e))))?;
         log::debug!(
             "{tables} float islands between 8-bit tensors became lookup tables, {folded} of \
@@ -398,7 +405,7 @@ pub(crate) fn compile(
     }
     // After the islands (which end in QuantizeLinear and become tables whole). A correctness
     // fix, kept whatever the kernels: see `int8/quantize.rs`.
-    let fixed = crate::int8::fix_quantize(&mut typed)
+    let fixed = crate::int8::fix_quantize(typed)
         .map_err(|e| Error::Prepare(format!("replacing QuantizeLinear: {}", chain(&e))))?;
     log::debug!("{fixed} QuantizeLinear nodes saturate in Tern's op");
     if log::log_enabled!(log::Level::Trace) {
@@ -419,11 +426,70 @@ pub(crate) fn compile(
     }
     if compile.precision == Precision::F16 {
         FloatPrecisionTranslator::new(DatumType::F32, DatumType::F16)
-            .transform(&mut typed)
-            .and_then(|_| declutter(&mut typed, compile.axis_rewrites))
+            .transform(typed)
+            .and_then(|_| declutter(typed, compile.axis_rewrites))
             .map_err(|e| Error::Prepare(format!("converting to f16: {}", chain(&e))))?;
     }
-    Ok(typed)
+    Ok(())
+}
+
+/// A prepared plan with what was read off the graph on the way.
+pub(crate) struct Built<T> {
+    pub(crate) plan: Arc<parts::Plan>,
+    survey: Survey,
+    io: T,
+}
+
+/// Typed model → runnable plan. Large float graphs on the CPU are split and their parts
+/// prepared on all cores (`parts.rs`); `io` reads the model's interface before that.
+pub(crate) fn build<T>(
+    typed: TypedModel,
+    compile: &Compile,
+    io: impl FnOnce(&TypedModel) -> Result<T>,
+) -> Result<Built<T>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // f16 retypes the inputs, and CUDA plans the whole graph on the device: both whole.
+    if compile.device != Device::Cpu || compile.precision != Precision::AsStored {
+        let mut typed = typed;
+        finish(&mut typed, compile)?;
+        let io = io(&typed)?;
+        let survey = Survey::of(&typed);
+        let (n_in, n_out) = (typed.inputs.len(), typed.outputs.len());
+        let plan = optimize(typed, compile)?;
+        return Ok(Built {
+            plan: Arc::new(parts::Parts::whole(plan, n_in, n_out)),
+            survey,
+            io,
+        });
+    }
+    let io = io(&typed)?;
+    let started = Instant::now();
+    let split = parts::split(typed, threads)
+        .map_err(|e| Error::Prepare(format!("splitting the graph: {}", chain(&e))))?;
+    let built = split.map_parallel(threads, |mut m| {
+        finish(&mut m, compile)?;
+        let survey = Survey::of(&m);
+        Ok((optimize(m, compile)?, survey))
+    })?;
+    let mut survey = Survey {
+        cuts: built.cuts.clone(),
+        ..Survey::default()
+    };
+    let plan = built.map(|(plan, s)| {
+        survey.extend(s);
+        plan
+    });
+    log::debug!(
+        "{} part(s) decluttered and optimized on {} thread(s) in {:.1?}",
+        plan.parts.len(),
+        threads.min(plan.parts.len()),
+        started.elapsed()
+    );
+    Ok(Built {
+        plan: Arc::new(plan),
+        survey,
+        io,
+    })
 }
 
 /// tract's declutter, optionally without its `ChangeAxes` pass. That pass tries every axis
@@ -487,7 +553,7 @@ fn executor(_threads: usize) -> Option<tract_linalg::multithread::Executor> {
 }
 
 /// Decluttered model → tract's optimized, runnable plan.
-pub(crate) fn optimize(typed: TypedModel, compile: &Compile) -> Result<Arc<TypedSimplePlan>> {
+fn optimize(typed: TypedModel, compile: &Compile) -> Result<Arc<TypedSimplePlan>> {
     let run_options = tract_onnx::tract_core::runtime::RunOptions {
         executor: executor(compile.threads),
         ..Default::default()
@@ -544,19 +610,23 @@ fn input_dts(typed: &TypedModel) -> Result<Vec<DatumType>> {
 }
 
 fn symbolic(proto: &pb::ModelProto, ignore_declared: bool, ctx: &Context) -> Result<Prepared> {
-    let typed = compile(proto, ignore_declared, &ctx.compile)?;
-    let info = model_info(&typed, ctx.batch, ctx.options.max_batch)?;
-    let input_dts = input_dts(&typed)?;
+    let typed = analyse(proto, ignore_declared, &ctx.compile)?;
+    let built = build(typed, &ctx.compile, |t| {
+        Ok((
+            model_info(t, ctx.batch, ctx.options.max_batch)?,
+            input_dts(t)?,
+        ))
+    })?;
+    let (info, input_dts) = built.io;
     let plan = PlanReport {
         kind: PlanKind::Symbolic,
         why: "tract keeps every shape symbolic".into(),
         batch_sizes: vec![],
         cache_limit: 0,
     };
-    let inspection = inspect(Some(&typed), ctx.report, ctx.census, plan);
-    let plan = optimize(typed, &ctx.compile)?;
+    let inspection = inspect(Some(&built.survey), ctx.report, ctx.census, plan);
     Ok(Prepared {
-        plans: Plans::Symbolic(plan),
+        plans: Plans::Symbolic(built.plan),
         info,
         inspection,
         input_dts,
@@ -644,12 +714,11 @@ fn concrete(proto: pb::ModelProto, ctx: &Context) -> Result<Prepared> {
     let input_dts = input_info.iter().map(|i| datum_type(i.dtype)).collect();
     let (outputs, inspection) = match first {
         Some(shapes) => {
-            let typed = plans.typed(&shapes)?;
-            let outputs = concrete_outputs(&typed, ctx)?;
-            let inspection = inspect(Some(&typed), ctx.report, ctx.census, report);
-            let plan = optimize(typed, &ctx.compile)?;
-            plans.insert(&shapes, plan);
-            (outputs, inspection)
+            let typed = plans.analysed(&shapes)?;
+            let built = build(typed, &ctx.compile, |t| concrete_outputs(t, ctx))?;
+            let inspection = inspect(Some(&built.survey), ctx.report, ctx.census, report);
+            plans.insert(&shapes, built.plan);
+            (built.io, inspection)
         }
         None => {
             let g = plans.source().graph.as_ref().expect("checked by decode");
@@ -1089,56 +1158,97 @@ fn model_info(m: &TypedModel, batch: Option<&str>, max_batch: Option<usize>) -> 
     })
 }
 
-/// Classifies every convolution and matrix product by the element type it really computes in,
-/// read from tract's typed graph rather than from what the rewrite intended.
+/// What the inspection reads off a prepared graph (or each of its parts).
+#[derive(Default)]
+pub(crate) struct Survey {
+    /// Convolutions and matrix products: name, kind, input element type, Tern's kernel.
+    heavy: Vec<(String, &'static str, ExecPrecision, Option<String>)>,
+    luts: usize,
+    luts2: usize,
+    folded: usize,
+    /// Where the graph was cut to prepare it in parts.
+    cuts: Vec<String>,
+}
+
+impl Survey {
+    /// Classifies every convolution and matrix product by the element type it really computes
+    /// in, read from tract's typed graph rather than from what the rewrite intended.
+    fn of(m: &TypedModel) -> Survey {
+        let mut survey = Survey::default();
+        for node in m.nodes() {
+            let op = node.op.name();
+            match &*op {
+                "TernLut" => survey.luts += 1,
+                "TernLut2" => survey.luts2 += 1,
+                _ => {}
+            }
+            if node
+                .op_as::<crate::int8::QConv>()
+                .is_some_and(|q| q.has_table())
+            {
+                survey.folded += 1;
+            }
+            let kind = match &*op {
+                "Conv" | "TernQConv" => "Conv",
+                "EinSum" | "MatMul" | "MatMatMul" | "OptMatMul" => "MatMul",
+                _ => continue,
+            };
+            let Some(input) = node.inputs.first() else {
+                continue;
+            };
+            let Ok(fact) = m.outlet_fact(*input) else {
+                continue;
+            };
+            let precision = match fact.datum_type.unquantized() {
+                DatumType::I8 | DatumType::U8 => ExecPrecision::Int8,
+                DatumType::F16 => ExecPrecision::F16,
+                DatumType::F32 => ExecPrecision::F32,
+                _ => ExecPrecision::Other,
+            };
+            let kernel = node
+                .op_as::<crate::int8::QConv>()
+                .map(|q| q.kernel().describe().to_string());
+            survey
+                .heavy
+                .push((node.name.clone(), kind, precision, kernel));
+        }
+        survey
+    }
+
+    fn extend(&mut self, other: Survey) {
+        self.heavy.extend(other.heavy);
+        self.luts += other.luts;
+        self.luts2 += other.luts2;
+        self.folded += other.folded;
+    }
+}
+
 fn inspect(
-    m: Option<&TypedModel>,
+    survey: Option<&Survey>,
     report: &qdq::Report,
     census: &(BTreeMap<String, usize>, u64),
     plan: PlanReport,
 ) -> Inspection {
     let mut heavy = vec![];
-    let nodes = m.map(|m| m.nodes()).unwrap_or(&[]);
-    for node in nodes {
-        let Some(m) = m else { break };
-        let op = node.op.name();
-        let kind = match &*op {
-            "Conv" | "TernQConv" => "Conv",
-            "EinSum" | "MatMul" | "MatMatMul" | "OptMatMul" => "MatMul",
-            _ => continue,
-        };
-        let Some(input) = node.inputs.first() else {
-            continue;
-        };
-        let Ok(fact) = m.outlet_fact(*input) else {
-            continue;
-        };
-        let precision = match fact.datum_type.unquantized() {
-            DatumType::I8 | DatumType::U8 => ExecPrecision::Int8,
-            DatumType::F16 => ExecPrecision::F16,
-            DatumType::F32 => ExecPrecision::F32,
-            _ => ExecPrecision::Other,
-        };
-        let fusion =
-            report
-                .nodes
-                .iter()
-                .find(|(n, _, _)| n == &node.name)
-                .map(|(_, _, o)| match o {
-                    qdq::Outcome::Fused(into) => format!("QDQ fused into {into}"),
-                    qdq::Outcome::KeptFloat(why) => format!("kept in float: {why}"),
-                });
-        let kernel = node
-            .op_as::<crate::int8::QConv>()
-            .map(|q| q.kernel().describe().to_string());
+    let empty = Survey::default();
+    let survey = survey.unwrap_or(&empty);
+    for (name, kind, precision, kernel) in &survey.heavy {
+        let fusion = report
+            .nodes
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, o)| match o {
+                qdq::Outcome::Fused(into) => format!("QDQ fused into {into}"),
+                qdq::Outcome::KeptFloat(why) => format!("kept in float: {why}"),
+            });
         let note = match (fusion, kernel) {
             (Some(f), Some(k)) => Some(format!("{f}, on the {k}")),
-            (f, k) => f.or(k.map(|k| format!("on the {k}"))),
+            (f, k) => f.or(k.as_ref().map(|k| format!("on the {k}"))),
         };
         heavy.push(HeavyOp {
-            name: node.name.clone(),
+            name: name.clone(),
             op: kind.to_string(),
-            precision,
+            precision: *precision,
             note,
         });
     }
@@ -1156,21 +1266,22 @@ fn inspect(
         }
     }
     let mut rewrites = vec![];
-    let count = |name: &str| nodes.iter().filter(|n| n.op.name() == name).count();
-    let folded = nodes
-        .iter()
-        .filter(|n| {
-            n.op_as::<crate::int8::QConv>()
-                .is_some_and(|q| q.has_table())
-        })
-        .count();
-    let (one, two) = (count("TernLut") + folded, count("TernLut2"));
+    let folded = survey.folded;
+    let (one, two) = (survey.luts + folded, survey.luts2);
     if one + two > 0 {
         rewrites.push(format!(
             "{} element-wise float islands between 8-bit tensors run as lookup tables ({one} of \
              one input, {two} of two); {folded} applied by the convolution that writes their \
              input",
             one + two
+        ));
+    }
+    if !survey.cuts.is_empty() {
+        let cuts: Vec<String> = survey.cuts.iter().map(|c| format!("`{c}`")).collect();
+        rewrites.push(format!(
+            "prepared in {} parts, in parallel, cut after {} (one tensor crosses each cut)",
+            cuts.len() + 1,
+            cuts.join(", ")
         ));
     }
     Inspection {

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
-use super::{branches, compile, optimize, shapes, Compile};
+use super::parts::Plan;
+use super::{analyse, branches, build, shapes, Compile};
 use crate::error::{Error, Result};
 
 /// Concrete plans for one model. Shared by every session; sessions cache the states they made.
@@ -36,7 +37,7 @@ pub(crate) struct Concrete {
 #[derive(Default)]
 struct Cache {
     tick: u64,
-    plans: Vec<(Vec<Vec<usize>>, Arc<TypedSimplePlan>, u64)>,
+    plans: Vec<(Vec<Vec<usize>>, Arc<Plan>, u64)>,
     /// Shapes tract could not plan, with why: asking again answers at once instead of
     /// spending a preparation on it (a client could otherwise keep the CPU busy).
     failed: Vec<(Vec<Vec<usize>>, String)>,
@@ -47,7 +48,7 @@ const FAILED_KEPT: usize = 32;
 
 impl Cache {
     /// The cached plan for `shapes`, marked as the most recently used.
-    fn touch(&mut self, shapes: &[Vec<usize>]) -> Option<Arc<TypedSimplePlan>> {
+    fn touch(&mut self, shapes: &[Vec<usize>]) -> Option<Arc<Plan>> {
         self.tick += 1;
         let tick = self.tick;
         let entry = self
@@ -107,7 +108,7 @@ impl Concrete {
 
     /// The plan for these exact input shapes, prepared now if no session asked for it before.
     /// Shapes the model cannot take are the caller's error ([`Error::InvalidInput`]).
-    pub(crate) fn plan(&self, shapes: &[Vec<usize>]) -> Result<Arc<TypedSimplePlan>> {
+    pub(crate) fn plan(&self, shapes: &[Vec<usize>]) -> Result<Arc<Plan>> {
         let unplannable = |why: &str| {
             Error::InvalidInput(format!(
                 "the model cannot run input shapes {shapes:?}: {why}"
@@ -126,8 +127,9 @@ impl Concrete {
         // shapes. Two sessions racing for the same new shape both build; one result is kept.
         let started = std::time::Instant::now();
         let built = self
-            .typed(shapes)
-            .and_then(|typed| optimize(typed, &self.compile));
+            .analysed(shapes)
+            .and_then(|typed| build(typed, &self.compile, |_| Ok(())))
+            .map(|b| b.plan);
         let plan = match built {
             Ok(plan) => plan,
             Err(e) => {
@@ -163,7 +165,7 @@ impl Concrete {
     }
 
     /// Keeps a plan built outside [`Concrete::plan`] (the first one, built at load).
-    pub(crate) fn insert(&self, shapes: &[Vec<usize>], plan: Arc<TypedSimplePlan>) {
+    pub(crate) fn insert(&self, shapes: &[Vec<usize>], plan: Arc<Plan>) {
         let mut c = self.lock();
         c.tick += 1;
         let tick = c.tick;
@@ -174,9 +176,9 @@ impl Concrete {
         &self.source
     }
 
-    /// The decluttered model for these input shapes. Plans are built one at a time, each with
-    /// the weights lent to it.
-    pub(crate) fn typed(&self, shapes: &[Vec<usize>]) -> Result<TypedModel> {
+    /// The typed model for these input shapes. Plans are analysed one at a time, each with the
+    /// weights lent to it.
+    pub(crate) fn analysed(&self, shapes: &[Vec<usize>]) -> Result<TypedModel> {
         let mut lent = Lent::new(
             self.source.clone(),
             self.weights.lock().unwrap_or_else(|p| p.into_inner()),
@@ -184,7 +186,7 @@ impl Concrete {
         let proto = &mut lent.proto;
         shapes::pin_all(proto, shapes)?;
         branches::fold_constant_ifs(proto);
-        compile(proto, true, &self.compile)
+        analyse(proto, true, &self.compile)
     }
 
     /// Plans currently cached, for tests and metrics.

@@ -1,11 +1,10 @@
 use std::sync::Arc;
 
-use tract_onnx::prelude::{
-    DatumType, IntoTValue, TValue, TVec, Tensor as TractTensor, TypedSimpleState,
-};
+use tract_onnx::prelude::{DatumType, IntoTValue, TValue, TVec, Tensor as TractTensor};
 
 use crate::error::{catch, chain, Error, Result};
 use crate::model::Model;
+use crate::prepare::parts::State;
 use crate::prepare::Plans;
 use crate::tensor::check_inputs;
 use crate::tensor::{Dim, Tensor, TensorInfo, TensorView};
@@ -30,10 +29,10 @@ pub struct Session {
 }
 
 enum Runner {
-    Symbolic(TypedSimpleState),
+    Symbolic(State),
     /// One state per planned shape this session has run, least recently used evicted first.
     Concrete {
-        states: Vec<(Vec<Vec<usize>>, TypedSimpleState, u64)>,
+        states: Vec<(Vec<Vec<usize>>, State, u64)>,
         tick: u64,
     },
 }
@@ -49,9 +48,9 @@ impl std::fmt::Debug for Session {
 impl Session {
     pub(crate) fn new(model: Model) -> Result<Session> {
         let runner = match &model.inner.plans {
-            Plans::Symbolic(plan) => Runner::Symbolic(
-                TypedSimpleState::new(plan).map_err(|e| Error::Prepare(chain(&e)))?,
-            ),
+            Plans::Symbolic(plan) => {
+                Runner::Symbolic(State::new(plan).map_err(|e| Error::Prepare(chain(&e)))?)
+            }
             Plans::Concrete(_) => Runner::Concrete {
                 states: vec![],
                 tick: 0,
@@ -142,8 +141,7 @@ impl Session {
                     Some(at) => at,
                     None => {
                         let plan = c.plan(planned)?;
-                        let state =
-                            TypedSimpleState::new(&plan).map_err(|e| Error::Prepare(chain(&e)))?;
+                        let state = State::new(&plan).map_err(|e| Error::Prepare(chain(&e)))?;
                         if states.len() >= c.limit() {
                             if let Some(old) = (0..states.len()).min_by_key(|&i| states[i].2) {
                                 states.swap_remove(old);
@@ -187,7 +185,7 @@ impl Session {
                 match runner {
                     Runner::Symbolic(state) => {
                         if let Plans::Symbolic(plan) = &prepared.plans {
-                            if let Ok(fresh) = TypedSimpleState::new(plan) {
+                            if let Ok(fresh) = State::new(plan) {
                                 *state = fresh;
                             }
                         }

@@ -1,0 +1,596 @@
+//! Large graphs prepared in parts, the parts in parallel.
+//!
+//! tract's declutter and optimize rewrite a graph one patch at a time, and applying a patch
+//! costs time in proportion to the whole graph (nodes are compared, moved and renumbered): the
+//! work grows with the square of the node count. Cut at wires where the graph narrows to a
+//! single tensor, each part is a small graph, and the parts prepare on separate cores: on
+//! MobileNetV3 this is most of the load. At run time the parts run one after the other,
+//! handing each other their tensors; cuts sit only before convolutions and matrix products,
+//! which tract never fuses with the op before them, so no fusion is lost.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::konst::Const;
+
+use crate::error::{catch, Error, Result};
+
+/// Nodes (constants aside) below which a graph is prepared whole.
+const SMALL: usize = 48;
+/// Nodes a part aims for beyond one per core.
+const PART_NODES: usize = 28;
+/// Nodes a part has at least.
+const MIN_PART: usize = 6;
+/// Work of one node, and the weight bytes that cost as much to pack.
+const NODE_COST: usize = 1;
+const WEIGHT_BYTES: usize = 160 << 10;
+/// Parts at most: each adds a hand-over at run time.
+const MAX_PARTS: usize = 16;
+
+/// One part of a graph, with where its inputs come from and its outputs go: slots of the
+/// values table (the model's inputs first, then every part's outputs in turn).
+pub(crate) struct Part<M> {
+    pub(crate) model: M,
+    inputs: Vec<usize>,
+    /// Per input: whether a later part or the caller still reads it (else it is moved in, so
+    /// tract may reuse its buffer).
+    kept: Vec<bool>,
+    outputs: Vec<usize>,
+}
+
+/// A graph as parts run in order.
+pub(crate) struct Parts<M> {
+    pub(crate) parts: Vec<Part<M>>,
+    /// Nodes after which the graph was cut.
+    pub(crate) cuts: Vec<String>,
+    inputs: usize,
+    outputs: Vec<usize>,
+    slots: usize,
+}
+
+impl<M> Parts<M> {
+    /// The whole graph as its one part.
+    pub(crate) fn whole(model: M, inputs: usize, outputs: usize) -> Parts<M> {
+        Parts {
+            parts: vec![Part {
+                model,
+                inputs: (0..inputs).collect(),
+                kept: vec![false; inputs],
+                outputs: (inputs..inputs + outputs).collect(),
+            }],
+            inputs,
+            outputs: (inputs..inputs + outputs).collect(),
+            slots: inputs + outputs,
+            cuts: vec![],
+        }
+    }
+
+    /// Each part turned into something else on up to `threads` threads, in any order; the
+    /// first error (in part order) wins. Panics are caught per part.
+    pub(crate) fn map_parallel<N: Send>(
+        self,
+        threads: usize,
+        f: impl Fn(M) -> Result<N> + Sync,
+    ) -> Result<Parts<N>>
+    where
+        M: Send,
+    {
+        let Parts {
+            parts,
+            inputs,
+            outputs,
+            slots,
+            cuts,
+        } = self;
+        let n = parts.len();
+        let todo: Vec<Mutex<Option<Part<M>>>> =
+            parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
+        let done: Vec<Mutex<Option<Result<Part<N>>>>> = (0..n).map(|_| Mutex::new(None)).collect();
+        let next = AtomicUsize::new(0);
+        let work = || loop {
+            let ix = next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = todo.get(ix) else { break };
+            let Some(part) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+                continue;
+            };
+            let Part {
+                model,
+                inputs,
+                kept,
+                outputs,
+            } = part;
+            let made = catch("preparing a part of the model", || f(model)).map(|model| Part {
+                model,
+                inputs,
+                kept,
+                outputs,
+            });
+            *done[ix].lock().unwrap_or_else(|p| p.into_inner()) = Some(made);
+        };
+        std::thread::scope(|s| {
+            for _ in 1..threads.clamp(1, n) {
+                s.spawn(work);
+            }
+            work();
+        });
+        let parts = done
+            .into_iter()
+            .map(|d| {
+                d.into_inner()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unwrap_or_else(|| Err(Error::Internal("a part was not prepared".into())))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Parts {
+            parts,
+            inputs,
+            outputs,
+            slots,
+            cuts,
+        })
+    }
+
+    pub(crate) fn map<N>(self, mut f: impl FnMut(M) -> N) -> Parts<N> {
+        Parts {
+            parts: self
+                .parts
+                .into_iter()
+                .map(|p| Part {
+                    model: f(p.model),
+                    inputs: p.inputs,
+                    kept: p.kept,
+                    outputs: p.outputs,
+                })
+                .collect(),
+            inputs: self.inputs,
+            outputs: self.outputs,
+            slots: self.slots,
+            cuts: self.cuts,
+        }
+    }
+}
+
+/// Splits a typed graph into parts for `threads` cores (fewer when it has fewer cuts, one when
+/// it is small). The graph must not be decluttered yet: the parts are, each on its own.
+pub(crate) fn split(model: TypedModel, threads: usize) -> TractResult<Parts<TypedModel>> {
+    let (n_in, n_out) = (model.inputs.len(), model.outputs.len());
+    let order = model.eval_order()?;
+    let is_const = |id: usize| model.nodes[id].op_is::<Const>();
+    let is_source = |id: usize| model.inputs.iter().any(|o| o.node == id);
+    let body: Vec<usize> = order
+        .iter()
+        .copied()
+        .filter(|&id| !is_const(id) && !is_source(id))
+        .collect();
+    let wanted = wanted(body.len(), threads).min(body.len() / MIN_PART);
+    // A model output a part cannot hand over (a constant, an input) keeps the graph whole.
+    let odd_output = model
+        .outputs
+        .iter()
+        .any(|o| is_const(o.node) || is_source(o.node));
+    if wanted < 2 || body.len() < SMALL || odd_output {
+        return Ok(Parts::whole(model, n_in, n_out));
+    }
+    let cuts = pick(&model, &body, wanted);
+    if cuts.is_empty() {
+        return Ok(Parts::whole(model, n_in, n_out));
+    }
+    // Part of every body node: the number of cuts at or before its position.
+    let mut part_of = vec![usize::MAX; model.nodes.len()];
+    let mut p = 0;
+    for (pos, &id) in body.iter().enumerate() {
+        part_of[id] = p;
+        if cuts.get(p) == Some(&pos) {
+            p += 1;
+        }
+    }
+    let n_parts = cuts.len() + 1;
+    // Slots: model inputs, then outlets read by another part or returned, in part order.
+    let mut slot: HashMap<OutletId, usize> = model
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (*o, i))
+        .collect();
+    let mut next_slot = n_in;
+    let mut part_outputs: Vec<Vec<OutletId>> = vec![vec![]; n_parts];
+    for &id in &body {
+        let node = &model.nodes[id];
+        for (ix, output) in node.outputs.iter().enumerate() {
+            let outlet = OutletId::new(id, ix);
+            let crosses = output
+                .successors
+                .iter()
+                .any(|s| part_of[s.node] != usize::MAX && part_of[s.node] != part_of[id]);
+            if crosses || model.outputs.contains(&outlet) {
+                part_outputs[part_of[id]].push(outlet);
+            }
+        }
+    }
+    for outs in &part_outputs {
+        for o in outs {
+            slot.insert(*o, next_slot);
+            next_slot += 1;
+        }
+    }
+    let mut parts = Vec::with_capacity(n_parts);
+    for (p, outs) in part_outputs.iter().enumerate() {
+        let mut m = TypedModel {
+            symbols: model.symbols.clone(),
+            ..TypedModel::default()
+        };
+        let mut map: HashMap<OutletId, OutletId> = HashMap::new();
+        let mut inputs = vec![];
+        for &id in body.iter().filter(|&&id| part_of[id] == p) {
+            let node = &model.nodes[id];
+            let mut wires = TVec::new();
+            for input in &node.inputs {
+                let wire = match map.get(input) {
+                    Some(w) => *w,
+                    None => {
+                        let from = &model.nodes[input.node];
+                        let fact = model.outlet_fact(*input)?.clone();
+                        let w = if is_const(input.node) {
+                            let c = m.add_node(from.name.clone(), from.op.clone(), tvec!(fact))?;
+                            OutletId::new(c, 0)
+                        } else {
+                            let s = slot.get(input).copied().ok_or_else(|| {
+                                tract_onnx::tract_core::internal::format_err!(
+                                    "wire {input:?} into part {p} has no slot"
+                                )
+                            })?;
+                            inputs.push(s);
+                            m.add_source(format!("{}.{}", from.name, input.slot), fact)?
+                        };
+                        map.insert(*input, w);
+                        w
+                    }
+                };
+                wires.push(wire);
+            }
+            let facts = node.outputs.iter().map(|o| o.fact.clone()).collect();
+            let new = m.add_node(node.name.clone(), node.op.clone(), facts)?;
+            for (ix, w) in wires.iter().enumerate() {
+                m.add_edge(*w, InletId::new(new, ix))?;
+            }
+            for ix in 0..node.outputs.len() {
+                map.insert(OutletId::new(id, ix), OutletId::new(new, ix));
+            }
+        }
+        let out_wires: Vec<OutletId> = outs.iter().map(|o| map[o]).collect();
+        m.select_output_outlets(&out_wires)?;
+        parts.push(Part {
+            model: m,
+            kept: vec![false; inputs.len()],
+            inputs,
+            outputs: outs.iter().map(|o| slot[o]).collect(),
+        });
+    }
+    let outputs: Vec<usize> = model.outputs.iter().map(|o| slot[o]).collect();
+    for p in 0..parts.len() {
+        let (now, later) = parts.split_at_mut(p + 1);
+        let part = &mut now[p];
+        for (i, s) in part.inputs.iter().enumerate() {
+            part.kept[i] = outputs.contains(s) || later.iter().any(|l| l.inputs.contains(s));
+        }
+    }
+    let cuts: Vec<String> = cuts
+        .iter()
+        .map(|&pos| model.nodes[body[pos]].name.clone())
+        .collect();
+    log::debug!(
+        "graph of {} nodes split into {} parts after {cuts:?}",
+        body.len(),
+        parts.len(),
+    );
+    Ok(Parts {
+        parts,
+        inputs: n_in,
+        outputs,
+        slots: next_slot,
+        cuts,
+    })
+}
+
+/// Positions in `body` after which to cut: where exactly one wire is alive, it is no model
+/// output, and it feeds only convolutions and matrix products, or residual additions when no
+/// convolution writes it (tract fuses an op into the product before it, never after). Chosen
+/// nearest to even shares of the work, counted in nodes and in weight bytes (optimizing packs
+/// every weight).
+fn pick(model: &TypedModel, body: &[usize], wanted: usize) -> Vec<usize> {
+    let mut pos_of = vec![usize::MAX; model.nodes.len()];
+    for (pos, &id) in body.iter().enumerate() {
+        pos_of[id] = pos;
+    }
+    // A model output read by no later node needs no wire: its part hands it to the caller.
+    let last_use = |outlet: OutletId| -> usize {
+        model.nodes[outlet.node].outputs[outlet.slot]
+            .successors
+            .iter()
+            .map(|s| pos_of[s.node])
+            .filter(|&p| p != usize::MAX)
+            .max()
+            .unwrap_or(0)
+    };
+    let op = |id: usize| model.nodes[id].op.name();
+    let heavy = |id: usize| {
+        matches!(
+            &*op(id),
+            "Conv" | "TernQConv" | "EinSum" | "MatMul" | "MatMatMul" | "OptMatMul"
+        )
+    };
+    // Lookup-table islands start at a dequantization: never cut into one.
+    let plain = |id: usize| !heavy(id) && !op(id).contains("uantize");
+    let cost = |id: usize| -> usize {
+        let weights: usize = model.nodes[id]
+            .inputs
+            .iter()
+            .filter(|i| model.nodes[i.node].op_is::<Const>())
+            .filter_map(|i| model.outlet_fact(*i).ok())
+            .filter_map(|f| f.konst.as_ref().map(|k| k.len() * k.datum_type().size_of()))
+            .sum();
+        NODE_COST + weights / WEIGHT_BYTES
+    };
+    let mut done = Vec::with_capacity(body.len());
+    let mut total = 0;
+    // Wires alive after each position: inputs still to be read, and outputs of body nodes.
+    let mut alive: Vec<(OutletId, usize)> =
+        model.inputs.iter().map(|o| (*o, last_use(*o))).collect();
+    let mut candidates = vec![];
+    for (pos, &id) in body.iter().enumerate() {
+        total += cost(id);
+        done.push(total);
+        for ix in 0..model.nodes[id].outputs.len() {
+            let o = OutletId::new(id, ix);
+            alive.push((o, last_use(o)));
+        }
+        alive.retain(|(_, last)| *last > pos);
+        if let [(o, last)] = alive.as_slice() {
+            let readers = &model.nodes[o.node].outputs[o.slot].successors;
+            let readers_ok = readers
+                .iter()
+                .all(|r| heavy(r.node) || (&*op(r.node) == "Add" && plain(o.node)));
+            if pos + 1 < body.len() && *last > pos && !readers.is_empty() && readers_ok {
+                candidates.push(pos);
+            }
+        }
+    }
+    let mut cuts: Vec<usize> = vec![];
+    for k in 1..wanted {
+        let ideal = k * total / wanted;
+        let best = candidates
+            .iter()
+            .copied()
+            .filter(|&c| cuts.last().is_none_or(|&l| c >= l + MIN_PART))
+            .filter(|&c| body.len() - c > MIN_PART)
+            .min_by_key(|&c| done[c].abs_diff(ideal));
+        if let Some(c) = best {
+            cuts.push(c);
+        }
+    }
+    cuts
+}
+
+/// How many parts to prepare a graph of `nodes` nodes in, with `threads` cores to spare.
+fn wanted(nodes: usize, threads: usize) -> usize {
+    (nodes / PART_NODES).max(threads).min(MAX_PARTS)
+}
+
+/// The parts as runnable plans.
+pub(crate) type Plan = Parts<Arc<TypedSimplePlan>>;
+
+/// A session's run state for a [`Plan`]: tract's state per part and the values between them.
+pub(crate) struct State {
+    plan: Arc<Plan>,
+    states: Vec<TypedSimpleState>,
+    values: Vec<Option<TValue>>,
+}
+
+impl State {
+    pub(crate) fn new(plan: &Arc<Plan>) -> TractResult<State> {
+        Ok(State {
+            plan: plan.clone(),
+            states: plan
+                .parts
+                .iter()
+                .map(|p| TypedSimpleState::new(&p.model))
+                .collect::<TractResult<_>>()?,
+            values: vec![None; plan.slots],
+        })
+    }
+
+    pub(crate) fn run(&mut self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let plan = &*self.plan;
+        if let [state] = self.states.as_mut_slice() {
+            return state.run(inputs);
+        }
+        if inputs.len() != plan.inputs {
+            tract_onnx::tract_core::internal::bail!(
+                "{} inputs given, the model takes {}",
+                inputs.len(),
+                plan.inputs
+            );
+        }
+        for (slot, v) in inputs.into_iter().enumerate() {
+            self.values[slot] = Some(v);
+        }
+        let ran = plan
+            .parts
+            .iter()
+            .zip(self.states.iter_mut())
+            .try_for_each(|(part, state)| {
+                let mut given = TVec::new();
+                for (&s, &kept) in part.inputs.iter().zip(&part.kept) {
+                    let value = if kept {
+                        self.values[s].clone()
+                    } else {
+                        self.values[s].take()
+                    };
+                    given.push(value.ok_or_else(|| {
+                        tract_onnx::tract_core::internal::format_err!("slot {s} is empty")
+                    })?);
+                }
+                let got = state.run(given)?;
+                for (&s, v) in part.outputs.iter().zip(got) {
+                    self.values[s] = Some(v);
+                }
+                Ok(())
+            });
+        let outputs = ran.and_then(|()| {
+            plan.outputs
+                .iter()
+                .map(|&s| {
+                    // Cloned: a model may return one tensor twice. The table is cleared below.
+                    self.values[s].clone().ok_or_else(|| {
+                        tract_onnx::tract_core::internal::format_err!("output slot {s} is empty")
+                    })
+                })
+                .collect()
+        });
+        // Hand intermediate tensors back to their parts' states, and keep no input alive.
+        self.values.iter_mut().for_each(|v| *v = None);
+        outputs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::pb;
+    use tract_onnx::prelude::tract_ndarray::ArrayD;
+
+    fn mobilenet() -> pb::ModelProto {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/testdata/mobilenet/fp32.onnx"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        prost::Message::decode(bytes.as_slice()).unwrap()
+    }
+
+    fn typed(proto: &pb::ModelProto) -> TypedModel {
+        tract_onnx::onnx()
+            .model_for_proto_model(proto)
+            .unwrap()
+            .into_typed()
+            .unwrap()
+    }
+
+    fn runnable(parts: Parts<TypedModel>) -> Arc<Plan> {
+        Arc::new(
+            parts
+                .map_parallel(2, |m| {
+                    Ok(TypedSimplePlan::new(m.into_optimized().unwrap()).unwrap())
+                })
+                .unwrap(),
+        )
+    }
+
+    /// A batch of 2 (the model's batch stays symbolic through the cut).
+    fn input() -> TValue {
+        let mut seed = 7u32;
+        let values: Vec<f32> = (0..2 * 3 * 48 * 192)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect();
+        ArrayD::from_shape_vec(vec![2, 3, 48, 192], values)
+            .unwrap()
+            .into_tensor()
+            .into_tvalue()
+    }
+
+    fn run(plan: &Arc<Plan>) -> Vec<Vec<f32>> {
+        let mut state = State::new(plan).unwrap();
+        // Twice: the second run reuses the state's table.
+        state.run(tvec!(input())).unwrap();
+        let outputs = state.run(tvec!(input())).unwrap();
+        outputs
+            .iter()
+            .map(|t| {
+                t.try_as_plain_ram()
+                    .unwrap()
+                    .as_slice::<f32>()
+                    .unwrap()
+                    .to_vec()
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .flat_map(|(a, b)| {
+                assert_eq!(a.len(), b.len());
+                a.iter().zip(b).map(|(x, y)| (x - y).abs())
+            })
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn a_conv_net_splits_at_single_wires_and_runs_as_the_whole_does() {
+        let proto = mobilenet();
+        let parts = split(typed(&proto), 4).unwrap();
+        assert!(parts.parts.len() >= 4, "{} parts", parts.parts.len());
+        for part in &parts.parts[1..] {
+            assert_eq!(part.inputs.len(), 1, "one wire crosses each cut");
+        }
+        let whole = Parts::whole(typed(&proto), 1, 1);
+        let (split_out, whole_out) = (run(&runnable(parts)), run(&runnable(whole)));
+        assert_eq!(split_out[0].len(), 2 * 100);
+        let diff = max_diff(&split_out, &whole_out);
+        assert!(diff < 1e-4, "max abs diff {diff}");
+    }
+
+    #[test]
+    fn outputs_taken_early_do_not_stop_the_cuts_after_them() {
+        let mut proto = mobilenet();
+        let g = proto.graph.as_mut().unwrap();
+        // Two extra outputs from early in the graph, one of them twice.
+        for name in ["mul_26", "conv_13", "mul_26"] {
+            g.output.push(pb::ValueInfoProto {
+                name: name.into(),
+                ..Default::default()
+            });
+        }
+        let parts = split(typed(&proto), 4).unwrap();
+        assert!(parts.parts.len() >= 3, "{} parts", parts.parts.len());
+        let whole = Parts::whole(typed(&proto), 1, 4);
+        let (split_out, whole_out) = (run(&runnable(parts)), run(&runnable(whole)));
+        assert_eq!(split_out.len(), 4);
+        assert_eq!(split_out[1], split_out[3]);
+        let diff = max_diff(&split_out, &whole_out);
+        assert!(diff < 1e-4, "max abs diff {diff}");
+    }
+
+    #[test]
+    fn small_graphs_stay_whole() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/digits/1/model.onnx"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        let proto: pb::ModelProto = prost::Message::decode(bytes.as_slice()).unwrap();
+        assert_eq!(split(typed(&proto), 8).unwrap().parts.len(), 1);
+    }
+
+    #[test]
+    fn a_failing_or_panicking_part_is_an_error() {
+        let parts = split(typed(&mobilenet()), 4).unwrap();
+        let n = parts.parts.len();
+        let seen = AtomicUsize::new(0);
+        let failed = parts.map_parallel(2, |_| -> Result<()> {
+            match seen.fetch_add(1, Ordering::Relaxed) {
+                1 => Err(Error::Prepare("no".into())),
+                2 => panic!("tract panicked"),
+                _ => Ok(()),
+            }
+        });
+        assert!(failed.is_err());
+        assert_eq!(seen.load(Ordering::Relaxed), n, "every part was tried");
+    }
+}
