@@ -26,29 +26,62 @@ fn input(batch: usize) -> Vec<f32> {
         .collect()
 }
 
-fn overhead(c: &mut Criterion) {
+/// Raw tract's plan of the whole graph, run as a Tern session would be.
+fn raw_tract(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    path: &std::path::Path,
+    shape: &[usize],
+    x: &[f32],
+) {
     use tract_onnx::prelude::*;
+    let plan = tract_onnx::onnx()
+        .model_for_path(path)
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .unwrap();
+    let mut state = TypedSimpleState::new(&plan).unwrap();
+    let t: TValue = tract_onnx::prelude::Tensor::from_shape(shape, x)
+        .unwrap()
+        .into_tvalue();
+    g.bench_function(BenchmarkId::new("raw-tract", name), |b| {
+        b.iter(|| state.run(tvec![t.clone()]).unwrap())
+    });
+}
+
+fn overhead(c: &mut Criterion) {
     let mut g = c.benchmark_group("overhead");
     for name in ["digits", "resblock"] {
         let x = input(1);
         let shape = [1usize, 1, 8, 8];
-        let plan = tract_onnx::onnx()
-            .model_for_path(model_path(name))
-            .unwrap()
-            .into_optimized()
-            .unwrap()
-            .into_runnable()
-            .unwrap();
-        let mut state = TypedSimpleState::new(&plan).unwrap();
-        let t: TValue = tract_onnx::prelude::Tensor::from_shape(&shape, &x)
-            .unwrap()
-            .into_tvalue();
-        g.bench_function(BenchmarkId::new("raw-tract", name), |b| {
-            b.iter(|| state.run(tvec![t.clone()]).unwrap())
-        });
+        raw_tract(&mut g, name, &model_path(name), &shape, &x);
         let model = Model::load(model_path(name), &ModelOptions::default()).unwrap();
         let mut session = model.session().unwrap();
         g.bench_function(BenchmarkId::new("tern", name), |b| {
+            b.iter(|| {
+                session.run(&[TensorView::new(&shape, &x)]).unwrap();
+            })
+        });
+    }
+    // Large enough for Tern to prepare in parts (`prepare/parts.rs`); raw tract runs it whole,
+    // so this also prices the hand-over between parts.
+    let path = testdata("mobilenet/fp32.onnx");
+    let shape = [1usize, 3, 48, 192];
+    let x: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|i| ((i * 7919) % 17) as f32 / 16.0 - 0.5)
+        .collect();
+    raw_tract(&mut g, "mobilenet", &path, &shape, &x);
+    for (label, plans) in [
+        ("tern", PlanMode::Symbolic),
+        ("tern-concrete", PlanMode::Concrete),
+    ] {
+        let options = ModelOptions {
+            plans,
+            ..Default::default()
+        };
+        let model = Model::load(&path, &options).unwrap();
+        let mut session = model.session().unwrap();
+        g.bench_function(BenchmarkId::new(label, "mobilenet"), |b| {
             b.iter(|| {
                 session.run(&[TensorView::new(&shape, &x)]).unwrap();
             })

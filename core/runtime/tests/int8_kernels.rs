@@ -188,3 +188,48 @@ fn quantized_mobilenet_runs_every_convolution_on_tern_kernels_and_matches_onnxru
         assert_eq!(top1(&got, classes), top1(&expected, classes), "{file}");
     }
 }
+
+/// The MobileNets are large enough to be prepared in parts (`prepare/parts.rs`): in both plan
+/// kinds, and for a batch that concrete plans pad (3 of the 4 reference rows run as 4), every
+/// row still gets onnxruntime's answer.
+#[test]
+fn mobilenets_prepared_in_parts_match_onnxruntime_in_both_plan_kinds() {
+    use tern_core::{PlanMode, TensorView};
+    let input = npy::read_file(mobilenet("input.npy")).unwrap();
+    let x = floats(&input);
+    let row = 3 * 48 * 192;
+    assert_eq!(x.len(), 4 * row);
+    for file in ["fp32", "int8-qdq", "int8-qop"] {
+        let expected = floats(&npy::read_file(mobilenet(&format!("{file}.out.npy"))).unwrap());
+        let classes = expected.len() / 4;
+        for plans in [PlanMode::Symbolic, PlanMode::Concrete] {
+            let options = ModelOptions {
+                plans,
+                ..ModelOptions::default()
+            };
+            let model = Model::load(mobilenet(&format!("{file}.onnx")), &options).unwrap();
+            let rewrites = &model.inspection().rewrites;
+            assert!(
+                rewrites.iter().any(|r| r.starts_with("prepared in ")),
+                "{file} {plans:?}: {rewrites:?}"
+            );
+            let mut session = model.session().unwrap();
+            for rows in [4, 3, 1] {
+                let out = session
+                    .run(&[TensorView::new(&[rows, 3, 48, 192], &x[..rows * row])])
+                    .unwrap();
+                let got = out.get(0).unwrap().to_vec::<f32>().unwrap();
+                assert_eq!(got.len(), rows * classes, "{file} {plans:?}");
+                let worst = got
+                    .iter()
+                    .zip(&expected)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(
+                    worst < 1e-4,
+                    "{file} {plans:?} {rows} rows: max |diff| {worst}"
+                );
+            }
+        }
+    }
+}

@@ -355,12 +355,8 @@ fn hint(proto: &pb::ModelProto, batch: Option<&str>) -> String {
     }
 }
 
-/// ONNX → typed model: tract's analysis, int8 convolutions fused; not decluttered yet.
-pub(crate) fn analyse(
-    proto: &pb::ModelProto,
-    ignore_declared: bool,
-    compile: &Compile,
-) -> Result<TypedModel> {
+/// ONNX → typed model: tract's analysis; not decluttered yet.
+pub(crate) fn analyse(proto: &pb::ModelProto, ignore_declared: bool) -> Result<TypedModel> {
     let started = Instant::now();
     let onnx = tract_onnx::onnx()
         .with_ignore_value_info(ignore_declared)
@@ -369,15 +365,7 @@ pub(crate) fn analyse(
         .model_for_proto_model(proto)
         .map_err(|e| Error::Prepare(chain(&e)))?;
     let imported = started.elapsed();
-    let mut typed = model.into_typed().map_err(|e| Error::Prepare(chain(&e)))?;
-    if compile.int8_kernels {
-        // Weights and quantization parameters reach the convolutions through casts; folded,
-        // they are constants the fused kernels can prepare once.
-        typed
-            .prop_consts()
-            .and_then(|_| crate::int8::fuse(&mut typed))
-            .map_err(|e| Error::Prepare(format!("fusing int8 convolutions: {}", chain(&e))))?;
-    }
+    let typed = model.into_typed().map_err(|e| Error::Prepare(chain(&e)))?;
     log::debug!(
         "tract import {imported:.1?}, typing {:.1?}",
         started.elapsed() - imported
@@ -385,10 +373,18 @@ pub(crate) fn analyse(
     Ok(typed)
 }
 
-/// Typed model → decluttered (in f16 when asked), with Tern's int8 rewrites that need tract's
-/// simplified graph.
+/// Typed model → int8 convolutions fused, decluttered (in f16 when asked), with Tern's int8
+/// rewrites that need tract's simplified graph.
 fn finish(typed: &mut TypedModel, compile: &Compile) -> Result<()> {
     let started = Instant::now();
+    if compile.int8_kernels {
+        // Weights and quantization parameters reach the convolutions through casts; folded,
+        // they are constants the fused kernels can prepare once.
+        typed
+            .prop_consts()
+            .and_then(|_| crate::int8::fuse(typed))
+            .map_err(|e| Error::Prepare(format!("fusing int8 convolutions: {}", chain(&e))))?;
+    }
     declutter(typed, compile.axis_rewrites).map_err(|e| Error::Prepare(chain(&e)))?;
     log::debug!("tract declutter {:.1?}", started.elapsed());
     if compile.int8_kernels {
@@ -610,7 +606,7 @@ fn input_dts(typed: &TypedModel) -> Result<Vec<DatumType>> {
 }
 
 fn symbolic(proto: &pb::ModelProto, ignore_declared: bool, ctx: &Context) -> Result<Prepared> {
-    let typed = analyse(proto, ignore_declared, &ctx.compile)?;
+    let typed = analyse(proto, ignore_declared)?;
     let built = build(typed, &ctx.compile, |t| {
         Ok((
             model_info(t, ctx.batch, ctx.options.max_batch)?,

@@ -186,7 +186,7 @@ impl Concrete {
         let proto = &mut lent.proto;
         shapes::pin_all(proto, shapes)?;
         branches::fold_constant_ifs(proto);
-        analyse(proto, true, &self.compile)
+        analyse(proto, true)
     }
 
     /// Plans currently cached, for tests and metrics.
