@@ -436,8 +436,9 @@ pub(crate) struct Built<T> {
     io: T,
 }
 
-/// Typed model → runnable plan. Large float graphs on the CPU are split and their parts
-/// prepared on all cores (`parts.rs`); `io` reads the model's interface before that.
+/// Typed model → runnable plan. Large graphs planned for the CPU as stored (f32 or int8) are
+/// split and their parts prepared on all cores (`parts.rs`); `io` reads the model's interface
+/// before that.
 pub(crate) fn build<T>(
     typed: TypedModel,
     compile: &Compile,
