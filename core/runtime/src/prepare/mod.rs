@@ -1155,6 +1155,15 @@ fn model_info(m: &TypedModel, batch: Option<&str>, max_batch: Option<usize>) -> 
     })
 }
 
+/// The kind of heavy op (convolution or matrix product) tract's op `name` is, if it is one.
+pub(crate) fn heavy_kind(name: &str) -> Option<&'static str> {
+    match name {
+        "Conv" | "TernQConv" => Some("Conv"),
+        "EinSum" | "MatMul" | "MatMatMul" | "OptMatMul" => Some("MatMul"),
+        _ => None,
+    }
+}
+
 /// What the inspection reads off a prepared graph (or each of its parts).
 #[derive(Default)]
 pub(crate) struct Survey {
@@ -1185,10 +1194,8 @@ impl Survey {
             {
                 survey.folded += 1;
             }
-            let kind = match &*op {
-                "Conv" | "TernQConv" => "Conv",
-                "EinSum" | "MatMul" | "MatMatMul" | "OptMatMul" => "MatMul",
-                _ => continue,
+            let Some(kind) = heavy_kind(&op) else {
+                continue;
             };
             let Some(input) = node.inputs.first() else {
                 continue;

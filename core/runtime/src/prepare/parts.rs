@@ -315,12 +315,7 @@ fn pick(model: &TypedModel, body: &[usize], wanted: usize) -> Vec<usize> {
             .unwrap_or(0)
     };
     let op = |id: usize| model.nodes[id].op.name();
-    let heavy = |id: usize| {
-        matches!(
-            &*op(id),
-            "Conv" | "TernQConv" | "EinSum" | "MatMul" | "MatMatMul" | "OptMatMul"
-        )
-    };
+    let heavy = |id: usize| super::heavy_kind(&op(id)).is_some();
     // Lookup-table islands start at a dequantization: never cut into one.
     let plain = |id: usize| !heavy(id) && !op(id).contains("uantize");
     let cost = |id: usize| -> usize {
