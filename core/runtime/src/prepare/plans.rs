@@ -14,7 +14,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
 use super::parts::Plan;
-use super::{analyse, branches, build, shapes, Compile};
+use super::{branches, build, import, shapes, Compile};
 use crate::error::{Error, Result};
 
 /// Concrete plans for one model. Shared by every session; sessions cache the states they made.
@@ -126,10 +126,7 @@ impl Concrete {
         // Built outside the lock: a slow preparation must not stall sessions running other
         // shapes. Two sessions racing for the same new shape both build; one result is kept.
         let started = std::time::Instant::now();
-        let built = self
-            .analysed(shapes)
-            .and_then(|typed| build(typed, &self.compile, |_| Ok(())))
-            .map(|b| b.plan);
+        let built = build(|| self.imported(shapes), &self.compile, |_| Ok(())).map(|b| b.plan);
         let plan = match built {
             Ok(plan) => plan,
             Err(e) => {
@@ -176,9 +173,9 @@ impl Concrete {
         &self.source
     }
 
-    /// The typed model for these input shapes. Plans are analysed one at a time, each with the
+    /// tract's graph for these input shapes. Plans are imported one at a time, each with the
     /// weights lent to it.
-    pub(crate) fn analysed(&self, shapes: &[Vec<usize>]) -> Result<TypedModel> {
+    pub(crate) fn imported(&self, shapes: &[Vec<usize>]) -> Result<InferenceModel> {
         let mut lent = Lent::new(
             self.source.clone(),
             self.weights.lock().unwrap_or_else(|p| p.into_inner()),
@@ -186,7 +183,7 @@ impl Concrete {
         let proto = &mut lent.proto;
         shapes::pin_all(proto, shapes)?;
         branches::fold_constant_ifs(proto);
-        analyse(proto, true)
+        import(proto, true)
     }
 
     /// Plans currently cached, for tests and metrics.
