@@ -4,7 +4,10 @@
 //! costs time in proportion to the whole graph (nodes are compared, moved and renumbered): the
 //! work grows with the square of the node count. Cut at wires where the graph narrows to a
 //! single tensor, each part is a small graph, and the parts prepare on separate cores: on
-//! MobileNetV3 this is most of the load. At run time the parts run one after the other,
+//! MobileNetV3 this is most of the load. The cut is made on the imported graph, before tract
+//! types it: the parts are typed one after the other, each handed to the pool as soon as it
+//! is, so typing (serial) overlaps the rest (`type_and_map`); a graph whose parts do not type
+//! alone is typed whole and cut after (`split`). At run time the parts run one after the other,
 //! handing each other their tensors; cuts sit only before convolutions and matrix products,
 //! which tract never fuses with the op before them, so no fusion is lost.
 
