@@ -183,6 +183,10 @@ pub struct ModelConfig {
     /// `[model_defaults]`. Unset: every load decides again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<PathBuf>,
+    /// Threads that prepare a model when it loads (unset: one per core). 1 keeps the other
+    /// cores serving requests while a new version loads, at the cost of a slower load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prepare_threads: Option<usize>,
 }
 
 /// An executor setting named in a config file (`plans = "concrete"`, `device = "cuda"`),
@@ -380,6 +384,7 @@ impl Default for ModelConfig {
             device: DeviceName::default(),
             axis_rewrites: true,
             cache_dir: None,
+            prepare_threads: None,
         }
     }
 }
@@ -515,6 +520,7 @@ impl ModelConfig {
             device: self.device.0,
             axis_rewrites: self.axis_rewrites,
             cache_dir: self.cache_dir.clone(),
+            prepare_threads: self.prepare_threads,
             ..Default::default()
         }
     }
@@ -615,10 +621,12 @@ mod tests {
     #[test]
     fn pins_and_plan_modes_reach_the_executor_and_bad_ones_name_the_file() {
         let text = "[model_defaults]\nplans = \"concrete\"\npin = { x = \"N,3,16,16\" }\n\
+                    prepare_threads = 1\n\
                     [model_defaults.batching]\nmax_batch_size = 12\n";
         let c = Config::from_toml(text, "ternd.toml").unwrap();
         let o = c.model_defaults.model_options();
         assert_eq!(o.plans, tern_core::PlanMode::Concrete);
+        assert_eq!(o.prepare_threads, Some(1));
         assert_eq!(o.pinned[0].name, "x");
         assert_eq!(o.pinned[0].shape, [None, Some(3), Some(16), Some(16)]);
         assert_eq!(o.batch_sizes, [1, 2, 4, 8, 12]);

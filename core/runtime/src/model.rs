@@ -57,6 +57,10 @@ pub struct ModelOptions {
     /// BENCHMARKS.md. Entries are keyed by the model's sha256, tract's version, the CPU's
     /// features and these options; a cache that cannot be read or written is only a warning.
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Threads that prepare the model (`None`, the default: one per core). A large graph is
+    /// prepared in parts, in parallel; 1 prepares it on the loading thread alone, so that a
+    /// daemon swapping in a new version while it serves keeps its other cores for requests.
+    pub prepare_threads: Option<usize>,
 }
 
 /// Where a model runs.
@@ -198,6 +202,7 @@ impl Default for ModelOptions {
             device: Device::Cpu,
             axis_rewrites: true,
             cache_dir: None,
+            prepare_threads: None,
         }
     }
 }

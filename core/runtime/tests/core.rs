@@ -208,6 +208,18 @@ fn a_one_thread_build_refuses_more_threads() {
 }
 
 #[test]
+fn no_thread_to_prepare_a_model_is_a_clear_error() {
+    let e = err(Model::load(
+        model_path("digits"),
+        &ModelOptions {
+            prepare_threads: Some(0),
+            ..Default::default()
+        },
+    ));
+    assert_eq!(e, "invalid option: prepare_threads must be at least 1");
+}
+
+#[test]
 fn threads_and_f16_still_give_the_right_answers() {
     #[cfg(feature = "threads")]
     let threaded = evaluate(

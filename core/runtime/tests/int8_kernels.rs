@@ -202,9 +202,15 @@ fn mobilenets_prepared_in_parts_match_onnxruntime_in_both_plan_kinds() {
     for file in ["fp32", "int8-qdq", "int8-qop"] {
         let expected = floats(&npy::read_file(mobilenet(&format!("{file}.out.npy"))).unwrap());
         let classes = expected.len() / 4;
-        for plans in [PlanMode::Symbolic, PlanMode::Concrete] {
+        // One preparing thread takes the parts in turn: the same plans.
+        for (plans, prepare_threads) in [
+            (PlanMode::Symbolic, None),
+            (PlanMode::Concrete, None),
+            (PlanMode::Concrete, Some(1)),
+        ] {
             let options = ModelOptions {
                 plans,
+                prepare_threads,
                 ..ModelOptions::default()
             };
             let model = Model::load(mobilenet(&format!("{file}.onnx")), &options).unwrap();

@@ -43,9 +43,11 @@ impl Decisions {
         key.update(model_sha256);
         key.update(super::tract_version().as_bytes());
         key.update(cpu_features().as_bytes());
-        // Every option but where the cache lives; `auto` and `fastest` decide differently.
+        // Every option but where the cache lives and how many threads prepare the plans;
+        // `auto` and `fastest` decide differently.
         let options = ModelOptions {
             cache_dir: None,
+            prepare_threads: None,
             ..options.clone()
         };
         key.update(format!("{options:?}").as_bytes());
@@ -191,9 +193,10 @@ mod tests {
             ..ModelOptions::default()
         };
         assert_eq!(Decisions::new(&d, b"model-a", &threads).read(), None);
-        // Where the cache lives is not part of the key.
+        // Where the cache lives is not part of the key, nor how many threads prepare.
         let elsewhere = ModelOptions {
             cache_dir: Some(d.clone()),
+            prepare_threads: Some(1),
             ..ModelOptions::default()
         };
         assert!(Decisions::new(&d, b"model-a", &elsewhere).read().is_some());

@@ -79,6 +79,8 @@ pub(crate) struct Prepared {
 pub(crate) struct Compile {
     precision: Precision,
     threads: usize,
+    /// Threads preparing the parts of a graph.
+    prepare_threads: usize,
     device: Device,
     int8_kernels: bool,
     axis_rewrites: bool,
@@ -98,6 +100,11 @@ fn prepare_inner(bytes: bytes::Bytes, options: &ModelOptions) -> Result<Prepared
              `threads` feature is off)",
             options.threads
         )));
+    }
+    if options.prepare_threads == Some(0) {
+        return Err(Error::InvalidOption(
+            "prepare_threads must be at least 1".into(),
+        ));
     }
     if options.max_batch == Some(0) {
         return Err(Error::InvalidOption("max_batch must be at least 1".into()));
@@ -163,6 +170,9 @@ fn prepare_inner(bytes: bytes::Bytes, options: &ModelOptions) -> Result<Prepared
     let compile = Compile {
         precision: options.precision,
         threads: options.threads,
+        prepare_threads: options
+            .prepare_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         device,
         int8_kernels: options.int8_kernels,
         axis_rewrites: options.axis_rewrites,
@@ -499,7 +509,7 @@ pub(crate) fn build<T>(
     compile: &Compile,
     io: impl FnOnce(&Interface) -> Result<T>,
 ) -> Result<Built<T>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = compile.prepare_threads;
     let model = import()?;
     // f16 retypes the inputs, and CUDA plans the whole graph on the device: both whole.
     if compile.device != Device::Cpu || compile.precision != Precision::AsStored {

@@ -163,6 +163,9 @@ struct PrepArgs {
     /// plans), keyed by the model's sha256.
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Threads preparing the model (default: one per core).
+    #[arg(long, value_name = "N")]
+    prepare_threads: Option<usize>,
 }
 
 impl PrepArgs {
@@ -182,6 +185,7 @@ impl PrepArgs {
             device: self.device,
             axis_rewrites: !self.no_axis_rewrites,
             cache_dir: self.cache_dir.clone(),
+            prepare_threads: self.prepare_threads,
             ..Default::default()
         }
     }
