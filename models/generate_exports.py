@@ -299,6 +299,53 @@ def const_if(cond_from_shape: bool) -> onnx.ModelProto:
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. pointwise: 1x1 convolutions Tern writes as matrix products, and ones it must leave alone
+# ---------------------------------------------------------------------------------------------
+
+
+def pointwise() -> onnx.ModelProto:
+    """1x1 convolutions with and without bias, explicit zero pads and VALID padding, a kernel
+    declared in value_info (as some exporters write), next to 1x1 convolutions that are not
+    plain matrix products (stride 2, two groups) or whose kernel two nodes share. (The strided
+    one comes first: tract 0.23.9 fails to pull its downsampling up through a matrix product's
+    reshapes when H and W are symbolic, whoever wrote the product.)"""
+    rng = np.random.default_rng(5)
+    w0, b0 = conv_weights(rng, 8, 3, 3)
+    w1, b1 = conv_weights(rng, 16, 8, 1)
+    w2, _ = conv_weights(rng, 8, 16, 1)
+    ws, bs = conv_weights(rng, 8, 8, 1)
+    wd, bd = conv_weights(rng, 8, 8, 1)
+    wg, bg = conv_weights(rng, 4, 4, 1)
+    nodes = [
+        helper.make_node("Conv", ["x", "c0.w", "c0.b"], ["c0"], name="c0", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"], name="r0"),
+        helper.make_node("Conv", ["r0", "d.w", "d.b"], ["d"], name="down", strides=[2, 2]),
+        helper.make_node("Conv", ["d", "p1.w", "p1.b"], ["p1"], name="p1", kernel_shape=[1, 1],
+                         pads=[0, 0, 0, 0], strides=[1, 1], dilations=[1, 1], group=1),
+        helper.make_node("Relu", ["p1"], ["r1"], name="r1"),
+        helper.make_node("Conv", ["r1", "p2.w"], ["p2"], auto_pad="VALID"),
+        helper.make_node("Conv", ["p2", "shared.w", "shared.b"], ["s1"], name="s1"),
+        helper.make_node("Relu", ["s1"], ["r2"], name="r2"),
+        helper.make_node("Conv", ["r2", "shared.w", "shared.b"], ["s2"], name="s2"),
+        helper.make_node("Add", ["p2", "s2"], ["res"], name="res"),
+        helper.make_node("Conv", ["res", "g.w", "g.b"], ["y"], name="grouped", group=2),
+    ]
+    inits = [
+        init("c0.w", w0), init("c0.b", b0), init("p1.w", w1), init("p1.b", b1), init("p2.w", w2),
+        init("shared.w", ws), init("shared.b", bs), init("g.w", wg), init("g.b", bg),
+        init("d.w", wd), init("d.b", bd),
+    ]
+    g = helper.make_graph(
+        nodes, "pointwise",
+        [helper.make_tensor_value_info("x", F, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", F, ["N", 4, "Ho", "Wo"])],
+        inits,
+        value_info=[helper.make_tensor_value_info("p1.w", F, [16, 8, 1, 1])],
+    )
+    return make_model(g)
+
+
+# ---------------------------------------------------------------------------------------------
 
 SPECS = [
     (
@@ -337,6 +384,13 @@ SPECS = [
         [("b1", (1, 3, 8, 8))],
         "If on a boolean initializer `true` whose dead else branch squeezes the size-3 axis 1 "
         "(shape-invalid for every valid input).",
+    ),
+    (
+        "pointwise",
+        pointwise,
+        [("b1-16x16", (1, 3, 16, 16)), ("b2-12x20", (2, 3, 12, 20))],
+        "1x1 convolutions (bias or none, zero pads or VALID, kernel declared in value_info) that "
+        "are matrix products, beside 1x1 ones that are not (stride 2, two groups, a shared kernel).",
     ),
 ]
 

@@ -273,4 +273,30 @@ pub(crate) mod testing {
             ..Default::default()
         }
     }
+
+    /// A float tensor's declaration; a dim that is not a number is a symbol.
+    pub(crate) fn value_info(name: &str, dims: &[&str]) -> pb::ValueInfoProto {
+        use pb::tensor_shape_proto::{dimension::Value, Dimension};
+        let dim = dims
+            .iter()
+            .map(|d| Dimension {
+                value: Some(match d.parse::<i64>() {
+                    Ok(v) => Value::DimValue(v),
+                    Err(_) => Value::DimParam(d.to_string()),
+                }),
+                ..Default::default()
+            })
+            .collect();
+        pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: pb::tensor_proto::DataType::Float as i32,
+                    shape: Some(pb::TensorShapeProto { dim }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
 }

@@ -8,6 +8,7 @@ mod decisions;
 mod graph;
 pub(crate) mod parts;
 pub(crate) mod plans;
+mod pointwise;
 mod qdq;
 mod reductions;
 mod shapes;
@@ -161,6 +162,13 @@ fn prepare_inner(bytes: bytes::Bytes, options: &ModelOptions) -> Result<Prepared
         .clone();
     let pinned = shapes::pin(&mut proto, &options.pinned)?;
     let mut rewrites = branches::fold_constant_ifs(&mut proto);
+    // After the folding: a live branch's convolutions are the graph's now.
+    let pointwise = pointwise::convs_as_einsum(&mut proto);
+    if pointwise > 0 {
+        rewrites.push(format!(
+            "{pointwise} 1×1 convolutions written as matrix products (Einsum)"
+        ));
+    }
     if hard_swish > 0 {
         rewrites.push(format!(
             "{hard_swish} HardSigmoid·Mul pairs (h-swish) fused into HardSwish"

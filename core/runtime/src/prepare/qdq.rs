@@ -834,6 +834,7 @@ fn node(
 
 #[cfg(test)]
 mod tests {
+    use super::super::graph::testing::value_info;
     use super::*;
     use crate::{Model, ModelOptions, TensorView};
     use prost::Message;
@@ -851,31 +852,6 @@ mod tests {
 
     fn f32s_raw(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
-    }
-
-    fn value_info(name: &str, dims: &[&str]) -> pb::ValueInfoProto {
-        use pb::tensor_shape_proto::{dimension::Value, Dimension};
-        let dim = dims
-            .iter()
-            .map(|d| Dimension {
-                value: Some(match d.parse::<i64>() {
-                    Ok(v) => Value::DimValue(v),
-                    Err(_) => Value::DimParam(d.to_string()),
-                }),
-                ..Default::default()
-            })
-            .collect();
-        pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto {
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: DataType::Float as i32,
-                    shape: Some(pb::TensorShapeProto { dim }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
     }
 
     /// x [N,2,4,4] → Q → DQ → Conv(3×2×3×3, pad 1, per-channel int8 weights, bias)
