@@ -420,7 +420,7 @@ impl Interface {
     fn names<F, O>(m: &Graph<F, O>) -> (Vec<String>, Vec<String>)
     where
         F: Fact + Clone + 'static,
-        O: std::fmt::Debug + std::fmt::Display + AsRef<dyn Op> + AsMut<dyn Op> + Clone + 'static,
+        O: parts::GraphOp,
     {
         let name = |o: &OutletId| {
             m.outlet_label(*o)
