@@ -476,22 +476,7 @@ fn finish(typed: &mut TypedModel, compile: &Compile) -> Result<()> {
     let fixed = crate::int8::fix_quantize(typed)
         .map_err(|e| Error::Prepare(format!("replacing QuantizeLinear: {}", chain(&e))))?;
     log::debug!("{fixed} QuantizeLinear nodes saturate in Tern's op");
-    if log::log_enabled!(log::Level::Trace) {
-        for node in typed.nodes() {
-            let facts: Vec<String> = node
-                .outputs
-                .iter()
-                .map(|o| format!("{:?}", o.fact))
-                .collect();
-            log::trace!(
-                "{} {} {:?} -> {}",
-                node.id,
-                node.op.name(),
-                node.inputs,
-                facts.join(", ")
-            );
-        }
-    }
+    trace_graph("decluttered", typed);
     if compile.precision == Precision::F16 {
         FloatPrecisionTranslator::new(DatumType::F32, DatumType::F16)
             .transform(typed)
@@ -650,6 +635,28 @@ fn executor(_threads: usize) -> Option<tract_linalg::multithread::Executor> {
     None
 }
 
+/// Every node of a graph (id, op, inputs, output facts) at trace level: what tract made of the
+/// model, to compare two preparations.
+fn trace_graph(stage: &str, m: &TypedModel) {
+    if !log::log_enabled!(log::Level::Trace) {
+        return;
+    }
+    for node in m.nodes() {
+        let facts: Vec<String> = node
+            .outputs
+            .iter()
+            .map(|o| format!("{:?}", o.fact))
+            .collect();
+        log::trace!(
+            "{stage}: {} {} {:?} -> {}",
+            node.id,
+            node.op.name(),
+            node.inputs,
+            facts.join(", ")
+        );
+    }
+}
+
 /// Decluttered model → tract's optimized, runnable plan.
 fn optimize(typed: TypedModel, compile: &Compile) -> Result<Arc<TypedSimplePlan>> {
     let run_options = tract_onnx::tract_core::runtime::RunOptions {
@@ -666,6 +673,7 @@ fn optimize(typed: TypedModel, compile: &Compile) -> Result<Arc<TypedSimplePlan>
         .optimize()
         .map_err(|e| Error::Prepare(chain(&e)))?;
     log::debug!("tract optimize {:.1?}", started.elapsed());
+    trace_graph("optimized", &optimized);
     TypedSimplePlan::new_with_options(optimized, &run_options)
         .map_err(|e| Error::Prepare(chain(&e)))
 }
