@@ -16,6 +16,7 @@
 //! ```
 
 mod batch;
+mod dwconv;
 mod error;
 mod inspect;
 mod int8;

@@ -34,6 +34,10 @@ pub struct ModelOptions {
     /// to tract's own lowering (im2col, int8 matrix product, separate requantization ops),
     /// which is slower; kept for comparisons.
     pub int8_kernels: bool,
+    /// Run f32 depthwise convolutions on Tern's direct kernel (on by default; CPU plans in the
+    /// stored precision). Off leaves them to tract's depthwise path, which is slower; kept for
+    /// comparisons.
+    pub float_kernels: bool,
     /// Inputs fixed to concrete shapes. Declared output shapes and `value_info` are then
     /// ignored, since exporters write them with the symbols the pins replace.
     pub pinned: Vec<PinnedInput>,
@@ -195,6 +199,7 @@ impl Default for ModelOptions {
             max_batch: None,
             int8_fusion: true,
             int8_kernels: true,
+            float_kernels: true,
             pinned: vec![],
             plans: PlanMode::Auto,
             batch_sizes: vec![],

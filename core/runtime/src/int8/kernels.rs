@@ -19,6 +19,9 @@
 //!
 //! Every output is `clamp(round_half_even((acc + bias) · scale) + y0, lo, hi)`, the rule of
 //! onnxruntime's `QLinearConv` (float multiplier, ties to even).
+//!
+//! [`depthwise_f32`] is the same depthwise kernel for float models (`crate::dwconv`): the same
+//! layout and accumulation, with `acc + bias` stored as it is.
 
 /// Rows of a packed weight panel.
 pub(crate) const MR: usize = 4;
@@ -1068,35 +1071,16 @@ mod avx2 {
         scratch: &mut DwScratch,
         out: &mut [u8],
     ) {
-        let layout = fill_phases(g, x, scratch);
+        // Integer values below 2^24 in, so the multiply-adds are exact: the same integers as
+        // the portable kernel.
+        let layout = fill_phases(g, DwSource::Bytes(x), scratch);
         let k = bounds(q);
-        let (phases, taps) = (&scratch.phases[..], &scratch.taps[..]);
-        let row_step = g.stride.0 * layout.width;
-        // Every load is at row0 + r·row_step + tap + ox + [0, DW_BLOCK): inside the buffer by
-        // construction of `fill_phases`; checked once here, not per load.
-        let max_tap = taps.iter().max().copied().unwrap_or(0);
-        let rows_done = g.oh.div_ceil(DW_ROWS) * DW_ROWS;
-        let last = (rows_done - 1) * row_step + max_tap + layout.blocks * DW_BLOCK;
-        assert!(g.oh == 0 || last <= phases.len(), "depthwise layout");
-        let base = phases.as_ptr();
+        let row_step = checked_row_step(g, &layout, scratch);
         for oy0 in (0..g.oh).step_by(DW_ROWS) {
-            let row0 = oy0 * row_step;
             for block in 0..layout.blocks {
                 let ox = block * DW_BLOCK;
-                let mut acc = [_mm256_setzero_ps(); 2 * DW_ROWS];
-                for (&tap, &w) in taps.iter().zip(c.weights) {
-                    let w = _mm256_set1_ps(w);
-                    for r in 0..DW_ROWS {
-                        // SAFETY: below `last`, checked above.
-                        let (v0, v1) = unsafe {
-                            let p = base.add(row0 + r * row_step + tap + ox);
-                            (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
-                        };
-                        // Integer-valued and below 2^24: FMA is exact here.
-                        acc[2 * r] = _mm256_fmadd_ps(v0, w, acc[2 * r]);
-                        acc[2 * r + 1] = _mm256_fmadd_ps(v1, w, acc[2 * r + 1]);
-                    }
-                }
+                // SAFETY: AVX2 and FMA per the caller; the layout was checked above.
+                let acc = unsafe { dw_rows(scratch, oy0 * row_step, row_step, ox, c.weights) };
                 let n = DW_BLOCK.min(g.ow - ox);
                 for r in 0..DW_ROWS.min(g.oh - oy0) {
                     let (a0, a1) = (acc[2 * r], acc[2 * r + 1]);
@@ -1111,6 +1095,85 @@ mod avx2 {
                 }
             }
         }
+    }
+
+    /// [`super::depthwise_f32`] on the same blocks as [`depthwise`]; the bias is added as the
+    /// block is stored.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn depthwise_f32(
+        g: &DwGeometry,
+        plane: &[f32],
+        c: &DwFloatChannel,
+        scratch: &mut DwScratch,
+        out: &mut [f32],
+    ) {
+        let layout = fill_phases(g, DwSource::Floats(plane), scratch);
+        let row_step = checked_row_step(g, &layout, scratch);
+        let bias = _mm256_set1_ps(c.bias);
+        let mut tile = [0f32; DW_BLOCK];
+        for oy0 in (0..g.oh).step_by(DW_ROWS) {
+            for block in 0..layout.blocks {
+                let ox = block * DW_BLOCK;
+                // SAFETY: AVX2 and FMA per the caller; the layout was checked above.
+                let acc = unsafe { dw_rows(scratch, oy0 * row_step, row_step, ox, c.weights) };
+                let n = DW_BLOCK.min(g.ow - ox);
+                for r in 0..DW_ROWS.min(g.oh - oy0) {
+                    let dst = &mut out[(oy0 + r) * g.ow + ox..][..n];
+                    let (a0, a1) = (
+                        _mm256_add_ps(acc[2 * r], bias),
+                        _mm256_add_ps(acc[2 * r + 1], bias),
+                    );
+                    if n == DW_BLOCK {
+                        // SAFETY: `dst` holds DW_BLOCK = 16 values.
+                        unsafe {
+                            _mm256_storeu_ps(dst.as_mut_ptr(), a0);
+                            _mm256_storeu_ps(dst.as_mut_ptr().add(8), a1);
+                        }
+                    } else {
+                        // SAFETY: `tile` holds 16 values.
+                        unsafe {
+                            _mm256_storeu_ps(tile.as_mut_ptr(), a0);
+                            _mm256_storeu_ps(tile.as_mut_ptr().add(8), a1);
+                        }
+                        dst.copy_from_slice(&tile[..n]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The sums of DW_ROWS output rows × DW_BLOCK columns starting at row offset `row0` and
+    /// column `ox`, two registers per row: 8 independent chains hide the multiply-add latency.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; [`checked_row_step`] must have passed for the layout.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn dw_rows(
+        scratch: &DwScratch,
+        row0: usize,
+        row_step: usize,
+        ox: usize,
+        weights: &[f32],
+    ) -> [__m256; 2 * DW_ROWS] {
+        let base = scratch.phases.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 2 * DW_ROWS];
+        for (&tap, &w) in scratch.taps.iter().zip(weights) {
+            let w = _mm256_set1_ps(w);
+            for r in 0..DW_ROWS {
+                // SAFETY: below the bound `checked_row_step` asserted.
+                let (v0, v1) = unsafe {
+                    let p = base.add(row0 + r * row_step + tap + ox);
+                    (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+                };
+                acc[2 * r] = _mm256_fmadd_ps(v0, w, acc[2 * r]);
+                acc[2 * r + 1] = _mm256_fmadd_ps(v1, w, acc[2 * r + 1]);
+            }
+        }
+        acc
     }
 }
 
@@ -1149,6 +1212,19 @@ pub(crate) struct DwInput<'a> {
     pub(crate) x0: i32,
 }
 
+/// What a plane is laid out from: 8-bit values with their zero point, or floats as they are.
+#[derive(Clone, Copy)]
+enum DwSource<'a> {
+    Bytes(&'a DwInput<'a>),
+    Floats(&'a [f32]),
+}
+
+/// One float channel's parameters: `kh × kw` weights and the bias.
+pub(crate) struct DwFloatChannel<'a> {
+    pub(crate) weights: &'a [f32],
+    pub(crate) bias: f32,
+}
+
 /// One channel's parameters: `kh × kw` weights minus their zero point, bias, multiplier.
 pub(crate) struct DwChannel<'a> {
     pub(crate) weights: &'a [f32],
@@ -1173,6 +1249,39 @@ pub(crate) fn depthwise(
         return;
     }
     depthwise_portable(g, x, c, q, scratch, out)
+}
+
+/// Depthwise convolution of one f32 plane: `out = conv(plane, weights) + bias`.
+pub(crate) fn depthwise_f32(
+    g: &DwGeometry,
+    plane: &[f32],
+    c: &DwFloatChannel,
+    scratch: &mut DwScratch,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2() {
+        // SAFETY: AVX2 and FMA were detected on this CPU.
+        unsafe { avx2::depthwise_f32(g, plane, c, scratch, out) };
+        return;
+    }
+    depthwise_f32_portable(g, plane, c, scratch, out)
+}
+
+/// The step between two output rows in the phase buffer, once the buffer is known to hold
+/// every load of the block kernels: row0 + r·step + tap + ox + [0, DW_BLOCK) for the rows and
+/// blocks of `g`, padding rows included. Checked once per plane, not per load.
+#[cfg(target_arch = "x86_64")]
+fn checked_row_step(g: &DwGeometry, layout: &Phases, scratch: &DwScratch) -> usize {
+    let row_step = g.stride.0 * layout.width;
+    let max_tap = scratch.taps.iter().max().copied().unwrap_or(0);
+    let rows_done = g.oh.div_ceil(DW_ROWS) * DW_ROWS;
+    let last = (rows_done - 1) * row_step + max_tap + layout.blocks * DW_BLOCK;
+    assert!(
+        g.oh == 0 || last <= scratch.phases.len(),
+        "depthwise layout"
+    );
+    row_step
 }
 
 /// How a plane is laid out by [`fill_phases`].
@@ -1218,15 +1327,14 @@ fn lay_out(g: &DwGeometry, scratch: &mut DwScratch) -> Phases {
     layout
 }
 
-/// Pads the plane (zero point subtracted, padding 0) and splits its columns by phase
-/// (`x % stride`), so that every tap reads a contiguous run; records each tap's offset.
+/// Pads the plane (zero point subtracted from bytes, padding 0) and splits its columns by
+/// phase (`x % stride`), so that every tap reads a contiguous run; records each tap's offset.
 ///
 /// The layout depends on the geometry only, so the planes of one layer (and of later layers
 /// of the same geometry) reuse it: the buffer is zeroed and the taps computed once, and each
 /// plane then writes the same interior cells, leaving the padding zero.
 #[inline(always)]
-fn fill_phases(g: &DwGeometry, x: &DwInput, scratch: &mut DwScratch) -> Phases {
-    let (plane, flip, x0) = (x.plane, x.flip, x.x0);
+fn fill_phases(g: &DwGeometry, x: DwSource, scratch: &mut DwScratch) -> Phases {
     let (_, sx) = g.stride;
     let (pt, pl, _, _) = g.pad;
     let layout = match scratch.laid_out {
@@ -1236,45 +1344,94 @@ fn fill_phases(g: &DwGeometry, x: &DwInput, scratch: &mut DwScratch) -> Phases {
     let Phases {
         width, ph_alloc, ..
     } = layout;
-    let x0 = x0 as f32;
     for y in 0..g.h {
-        let src = &plane[y * g.w..][..g.w];
         let py = y + pt;
-        if sx == 1 {
-            let dst = &mut scratch.phases[py * width + pl..][..g.w];
-            for (d, &b) in dst.iter_mut().zip(src) {
-                *d = (b ^ flip) as f32 - x0;
+        let row: &[f32] = match x {
+            DwSource::Floats(plane) => {
+                let src = &plane[y * g.w..][..g.w];
+                if sx == 1 {
+                    scratch.phases[py * width + pl..][..g.w].copy_from_slice(src);
+                    continue;
+                }
+                src
             }
-            continue;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if sx == 2 && simd::avx2() {
-            // Column x lands at (x + pl) / 2 in phase (x + pl) % 2: evens in one, odds in the other.
-            let even = ((pl % 2) * ph_alloc + py) * width + pl / 2;
-            let odd = ((1 - pl % 2) * ph_alloc + py) * width + pl.div_ceil(2);
-            // SAFETY: AVX2 was detected on this CPU.
-            unsafe { avx2::split2(src, flip, x0, &mut scratch.phases, even, odd) };
-            continue;
-        }
-        // Converted in one vectorised pass, then dealt out: column x lands in phase
-        // (x + pl) % sx; walking each phase avoids a division per value.
-        scratch.row.clear();
-        scratch
-            .row
-            .extend(src.iter().map(|&b| (b ^ flip) as f32 - x0));
+            DwSource::Bytes(x) => {
+                let (src, flip, x0) = (&x.plane[y * g.w..][..g.w], x.flip, x.x0 as f32);
+                if sx == 1 {
+                    let dst = &mut scratch.phases[py * width + pl..][..g.w];
+                    for (d, &b) in dst.iter_mut().zip(src) {
+                        *d = (b ^ flip) as f32 - x0;
+                    }
+                    continue;
+                }
+                #[cfg(target_arch = "x86_64")]
+                if sx == 2 && simd::avx2() {
+                    // Column x lands at (x + pl) / 2 in phase (x + pl) % 2: evens in one, odds
+                    // in the other.
+                    let even = ((pl % 2) * ph_alloc + py) * width + pl / 2;
+                    let odd = ((1 - pl % 2) * ph_alloc + py) * width + pl.div_ceil(2);
+                    // SAFETY: AVX2 was detected on this CPU.
+                    unsafe { avx2::split2(src, flip, x0, &mut scratch.phases, even, odd) };
+                    continue;
+                }
+                // Converted in one vectorised pass, then dealt out below.
+                scratch.row.clear();
+                scratch
+                    .row
+                    .extend(src.iter().map(|&b| (b ^ flip) as f32 - x0));
+                &scratch.row
+            }
+        };
+        // Column x lands in phase (x + pl) % sx; walking each phase avoids a division per
+        // value.
         for phase in 0..sx {
             let first = (phase + sx - pl % sx) % sx;
             let col0 = (first + pl) / sx;
             let dst = &mut scratch.phases[(phase * ph_alloc + py) * width + col0..];
-            for (d, &v) in dst
-                .iter_mut()
-                .zip(scratch.row.iter().skip(first).step_by(sx))
-            {
+            for (d, &v) in dst.iter_mut().zip(row.iter().skip(first).step_by(sx)) {
                 *d = v;
             }
         }
     }
     layout
+}
+
+/// The sums of one block of DW_BLOCK outputs whose first tap reads `phases[at..]`.
+#[inline(always)]
+fn dw_block(phases: &[f32], taps: &[usize], weights: &[f32], at: usize) -> [f32; DW_BLOCK] {
+    let mut acc = [0f32; DW_BLOCK];
+    for (&tap, &w) in taps.iter().zip(weights) {
+        let row = &phases[at + tap..][..DW_BLOCK];
+        // A plain multiply-add vectorises on every target, where `mul_add` is a library call
+        // without hardware FMA.
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v * w;
+        }
+    }
+    acc
+}
+
+/// [`depthwise_f32`] without SIMD intrinsics: the reference for the AVX2 path, and the kernel
+/// on other targets (the block loop auto-vectorises).
+pub(crate) fn depthwise_f32_portable(
+    g: &DwGeometry,
+    plane: &[f32],
+    c: &DwFloatChannel,
+    scratch: &mut DwScratch,
+    out: &mut [f32],
+) {
+    each_block(
+        g,
+        DwSource::Floats(plane),
+        c.weights,
+        scratch,
+        out,
+        |dst, acc| {
+            for (o, &a) in dst.iter_mut().zip(acc) {
+                *o = a + c.bias;
+            }
+        },
+    );
 }
 
 /// The reference the SIMD path is tested against, and the kernel on other targets (where
@@ -1288,26 +1445,42 @@ pub(crate) fn depthwise_portable(
     scratch: &mut DwScratch,
     out: &mut [u8],
 ) {
-    let layout = fill_phases(g, x, scratch);
+    // Integer values below 2^24: the sums are exact.
+    each_block(
+        g,
+        DwSource::Bytes(x),
+        c.weights,
+        scratch,
+        out,
+        |dst, acc| {
+            for (o, &a) in dst.iter_mut().zip(acc) {
+                *o = q.apply((a as i32).wrapping_add(c.bias), c.scale);
+            }
+        },
+    );
+}
+
+/// The portable kernels' walk over output blocks: `store` gets each block's place in `out`
+/// and its sums.
+#[inline(always)]
+fn each_block<T>(
+    g: &DwGeometry,
+    src: DwSource,
+    weights: &[f32],
+    scratch: &mut DwScratch,
+    out: &mut [T],
+    store: impl Fn(&mut [T], &[f32]),
+) {
+    let layout = fill_phases(g, src, scratch);
     let (phases, taps) = (&scratch.phases[..], &scratch.taps[..]);
     for oy in 0..g.oh {
         let dst = &mut out[oy * g.ow..][..g.ow];
         let row0 = oy * g.stride.0 * layout.width;
         for block in 0..layout.blocks {
             let ox = block * DW_BLOCK;
-            let mut acc = [0f32; DW_BLOCK];
-            for (&tap, &w) in taps.iter().zip(c.weights) {
-                let row = &phases[row0 + tap + ox..][..DW_BLOCK];
-                // Exact either way; a plain multiply-add vectorises on every target, where
-                // `mul_add` is a library call without hardware FMA.
-                for (a, &v) in acc.iter_mut().zip(row) {
-                    *a += v * w;
-                }
-            }
+            let acc = dw_block(phases, taps, weights, row0 + ox);
             let n = DW_BLOCK.min(g.ow - ox);
-            for (o, &a) in dst[ox..ox + n].iter_mut().zip(acc.iter()) {
-                *o = q.apply((a as i32).wrapping_add(c.bias), c.scale);
-            }
+            store(&mut dst[ox..ox + n], &acc[..n]);
         }
     }
 }
@@ -1510,6 +1683,70 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The f32 kernel, both paths, against the definition summed in f64, on random geometries
+    /// (1-D kernels, strides 1–3, any padding, widths around the block size).
+    #[test]
+    fn f32_depthwise_matches_the_definition_on_random_shapes() {
+        let mut rng = Lcg(13);
+        let mut scratch = DwScratch::default();
+        let value = |rng: &mut Lcg| (rng.next() as f32 / u32::MAX as f32 - 0.5) * 4.0;
+        for case in 0..300 {
+            let k = [1, 3, 5, 7][rng.below(4)];
+            let (kh, kw) = (k, if case % 5 == 0 { 1 + rng.below(5) } else { k });
+            let stride = (1 + rng.below(3), 1 + rng.below(3));
+            let pad = (rng.below(kh), rng.below(kw), rng.below(kh), rng.below(kw));
+            let h = kh.saturating_sub(pad.0 + pad.2).max(1) + rng.below(20);
+            let w = kw.saturating_sub(pad.1 + pad.3).max(1) + rng.below(40);
+            let g = DwGeometry {
+                h,
+                w,
+                kh,
+                kw,
+                stride,
+                pad,
+                oh: (h + pad.0 + pad.2 - kh) / stride.0 + 1,
+                ow: (w + pad.1 + pad.3 - kw) / stride.1 + 1,
+            };
+            let plane: Vec<f32> = (0..h * w).map(|_| value(&mut rng)).collect();
+            let weights: Vec<f32> = (0..kh * kw).map(|_| value(&mut rng)).collect();
+            let bias = value(&mut rng);
+            let mut expected = vec![0f64; g.oh * g.ow];
+            for (at, e) in expected.iter_mut().enumerate() {
+                let (oy, ox) = (at / g.ow, at % g.ow);
+                *e = bias as f64;
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let iy = (oy * stride.0 + ky) as isize - pad.0 as isize;
+                        let ix = (ox * stride.1 + kx) as isize - pad.1 as isize;
+                        if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
+                            let v = plane[iy as usize * w + ix as usize] as f64;
+                            *e += v * weights[ky * kw + kx] as f64;
+                        }
+                    }
+                }
+            }
+            let c = DwFloatChannel {
+                weights: &weights,
+                bias,
+            };
+            let mut got = vec![f32::NAN; g.oh * g.ow];
+            for path in ["portable", "dispatched"] {
+                got.fill(f32::NAN);
+                if path == "portable" {
+                    depthwise_f32_portable(&g, &plane, &c, &mut scratch, &mut got);
+                } else {
+                    depthwise_f32(&g, &plane, &c, &mut scratch, &mut got);
+                }
+                for (i, (a, e)) in got.iter().zip(&expected).enumerate() {
+                    assert!(
+                        (*a as f64 - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{path}, case {case}, output {i}: {a} vs {e}; {g:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! quantization parameters are plain constants. A convolution whose parameters are not
 //! constant, or whose layout the kernels do not cover, stays with tract.
 
-mod kernels;
+pub(crate) mod kernels;
 mod lut;
 mod quantize;
 

@@ -84,6 +84,7 @@ pub(crate) struct Compile {
     prepare_threads: usize,
     device: Device,
     int8_kernels: bool,
+    float_kernels: bool,
     axis_rewrites: bool,
 }
 
@@ -183,6 +184,7 @@ fn prepare_inner(bytes: bytes::Bytes, options: &ModelOptions) -> Result<Prepared
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         device,
         int8_kernels: options.int8_kernels,
+        float_kernels: options.float_kernels,
         axis_rewrites: options.axis_rewrites,
     };
     // Declared value_info and output shapes carry a fixed batch of 1 when the batch was forced;
@@ -476,6 +478,16 @@ fn finish(typed: &mut TypedModel, compile: &Compile) -> Result<()> {
     let fixed = crate::int8::fix_quantize(typed)
         .map_err(|e| Error::Prepare(format!("replacing QuantizeLinear: {}", chain(&e))))?;
     log::debug!("{fixed} QuantizeLinear nodes saturate in Tern's op");
+    // f16 plans convert every op after this point and CUDA places tract's own: the kernel
+    // serves f32 on the CPU only.
+    if compile.float_kernels
+        && compile.precision == Precision::AsStored
+        && compile.device == Device::Cpu
+    {
+        let replaced = crate::dwconv::fuse(typed)
+            .map_err(|e| Error::Prepare(format!("placing depthwise kernels: {}", chain(&e))))?;
+        log::debug!("{replaced} f32 depthwise convolutions on Tern's kernel");
+    }
     trace_graph("decluttered", typed);
     if compile.precision == Precision::F16 {
         FloatPrecisionTranslator::new(DatumType::F32, DatumType::F16)
@@ -1258,7 +1270,7 @@ fn model_info(io: &Interface, batch: Option<&str>, max_batch: Option<usize>) -> 
 pub(crate) fn heavy_kind(name: &str) -> Option<&'static str> {
     match name {
         // Typed ops, then the imported ones they come from.
-        "Conv" | "TernQConv" | "ConvHir" => Some("Conv"),
+        "Conv" | "TernQConv" | "TernDwConv" | "ConvHir" => Some("Conv"),
         "EinSum" | "MatMul" | "MatMatMul" | "OptMatMul" => Some("MatMul"),
         "MatMulInference" | "Gemm" | "QLinearMatMul" | "MatMulInteger" => Some("MatMul"),
         _ => None,
@@ -1310,9 +1322,12 @@ impl Survey {
                 DatumType::F32 => ExecPrecision::F32,
                 _ => ExecPrecision::Other,
             };
-            let kernel = node
-                .op_as::<crate::int8::QConv>()
-                .map(|q| q.kernel().describe().to_string());
+            let kernel = match node.op_as::<crate::int8::QConv>() {
+                Some(q) => Some(q.kernel().describe().to_string()),
+                None => node
+                    .op_is::<crate::dwconv::DwConv>()
+                    .then(|| crate::dwconv::KERNEL.to_string()),
+            };
             survey
                 .heavy
                 .push((node.name.clone(), kind, precision, kernel));

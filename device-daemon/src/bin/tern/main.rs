@@ -146,6 +146,10 @@ struct PrepArgs {
     /// kernels, for comparison.
     #[arg(long)]
     no_int8_kernels: bool,
+    /// Run f32 depthwise convolutions on tract's own path instead of Tern's kernel, for
+    /// comparison.
+    #[arg(long)]
+    no_float_kernels: bool,
     /// Fix an input's shape, e.g. `image=N,3,224,224` (a name keeps that axis symbolic).
     #[arg(long = "pin", value_name = "NAME=D,D,…")]
     pins: Vec<tern_core::PinnedInput>,
@@ -180,6 +184,7 @@ impl PrepArgs {
             batch_symbol: self.batch_symbol.clone(),
             int8_fusion: !self.no_int8_fusion,
             int8_kernels: !self.no_int8_kernels,
+            float_kernels: !self.no_float_kernels,
             pinned: self.pins.clone(),
             plans: self.plans,
             device: self.device,

@@ -1,0 +1,370 @@
+//! Tern's direct f32 depthwise convolution, placed into tract's decluttered graph in place of
+//! its `Conv` (NCHW, or CHW once tract has dropped a batch of 1).
+//!
+//! On float MobileNets half of a forward pass went to tract's depthwise path (zone scanning,
+//! a generic loop on every border zone, one output at a time in the middle). Tern's kernel is
+//! the one its int8 depthwise convolutions run on (`int8/kernels.rs`): each plane is padded
+//! once and split by column phase, and blocks of 4 rows × 16 outputs accumulate every tap in
+//! registers. The rewrite runs after tract's declutter, where weights and biases are constants
+//! and the layout is final; a convolution the kernel does not cover stays with tract.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PoolSpec};
+use tract_onnx::tract_core::ops::nn::DataFormat;
+
+use crate::int8::kernels::{self, DwFloatChannel, DwGeometry, DwScratch};
+
+/// What the inspection says runs a convolution replaced here.
+pub(crate) const KERNEL: &str = "Tern f32 depthwise kernel";
+
+/// A 2-D depthwise convolution over f32 NCHW input, bias added.
+#[derive(Debug, Clone)]
+pub(crate) struct DwConv {
+    pool_spec: PoolSpec,
+    /// `kh × kw` taps per channel.
+    weights: Arc<Vec<f32>>,
+    bias: Arc<Vec<f32>>,
+}
+
+impl PartialEq for DwConv {
+    fn eq(&self, other: &Self) -> bool {
+        // Weights are shared, never rebuilt: the same op is the same allocation.
+        Arc::ptr_eq(&self.weights, &other.weights)
+            && Arc::ptr_eq(&self.bias, &other.bias)
+            && self.pool_spec == other.pool_spec
+    }
+}
+
+impl Eq for DwConv {}
+
+impl DwConv {
+    /// The op for a float tract `Conv` node, or why it stays with tract.
+    fn from_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Result<DwConv, String> {
+        let spec = &conv.pool_spec;
+        if conv.q_params.is_some() {
+            return Err("quantized".into());
+        }
+        // tract's axis rewrites drop a batch axis of 1 (CHW).
+        let rank = match spec.data_format {
+            DataFormat::NCHW => 4,
+            DataFormat::CHW => 3,
+            other => return Err(format!("layout {other:?}")),
+        };
+        if conv.kernel_fmt != KernelFormat::OIHW {
+            return Err(format!("kernel layout {:?}", conv.kernel_fmt));
+        }
+        if spec.rank() != 2 {
+            return Err(format!("{}-D convolution", spec.rank()));
+        }
+        if spec.dilations().iter().any(|d| *d != 1) {
+            return Err("dilated".into());
+        }
+        let channels = spec.input_channels;
+        if conv.group != channels || spec.output_channels != channels {
+            return Err("not depthwise".into());
+        }
+        let fact = |ix: usize| -> Result<&TypedFact, String> {
+            let outlet = node.inputs.get(ix).ok_or("missing input")?;
+            model.outlet_fact(*outlet).map_err(|e| e.to_string())
+        };
+        if fact(0)?.datum_type != DatumType::F32 || fact(0)?.rank() != rank {
+            return Err(format!("input is not a {rank}-D f32 tensor"));
+        }
+        let values = |ix: usize, what: &str| -> Result<Vec<f32>, String> {
+            let konst = fact(ix)?
+                .konst
+                .clone()
+                .ok_or_else(|| format!("{what} is not a constant"))?;
+            if konst.datum_type() != DatumType::F32 {
+                return Err(format!("{what} is {:?}", konst.datum_type()));
+            }
+            konst
+                .try_as_plain_ram()
+                .and_then(|v| v.as_slice::<f32>().map(|s| s.to_vec()))
+                .map_err(|e| e.to_string())
+        };
+        let (kh, kw) = (spec.kernel_shape[0], spec.kernel_shape[1]);
+        let weights = values(1, "the weight")?;
+        if weights.len() != channels * kh * kw {
+            return Err(format!(
+                "{} weights for {channels} channels of {kh}×{kw}",
+                weights.len()
+            ));
+        }
+        let bias = match values(2, "the bias")? {
+            b if b.len() == 1 => vec![b[0]; channels],
+            b if b.len() == channels => b,
+            b => return Err(format!("{} biases for {channels} channels", b.len())),
+        };
+        Ok(DwConv {
+            pool_spec: spec.clone(),
+            weights: Arc::new(weights),
+            bias: Arc::new(bias),
+        })
+    }
+
+    fn run(&self, x: &Tensor) -> TractResult<Tensor> {
+        let (n, c, h, w) = match (self.pool_spec.data_format, x.shape()) {
+            (DataFormat::NCHW, &[n, c, h, w]) => (n, c, h, w),
+            (DataFormat::CHW, &[c, h, w]) => (1, c, h, w),
+            (format, shape) => bail!("expected a {format:?} input, got shape {shape:?}"),
+        };
+        ensure!(
+            c == self.pool_spec.input_channels,
+            "expected {} channels, got {c}",
+            self.pool_spec.input_channels
+        );
+        let pads = self.pool_spec.computed_padding(&[h, w]);
+        let (kh, kw) = (
+            self.pool_spec.kernel_shape[0],
+            self.pool_spec.kernel_shape[1],
+        );
+        let g = DwGeometry {
+            h,
+            w,
+            kh,
+            kw,
+            stride: (self.pool_spec.stride(0), self.pool_spec.stride(1)),
+            pad: (
+                pads[0].pad_before,
+                pads[1].pad_before,
+                pads[0].pad_after,
+                pads[1].pad_after,
+            ),
+            oh: pads[0].convoluted,
+            ow: pads[1].convoluted,
+        };
+        // SAFETY: the kernel writes every output element.
+        let mut out = unsafe {
+            match self.pool_spec.data_format {
+                DataFormat::CHW => Tensor::uninitialized::<f32>(&[c, g.oh, g.ow])?,
+                _ => Tensor::uninitialized::<f32>(&[n, c, g.oh, g.ow])?,
+            }
+        };
+        let input = x.try_as_plain_ram()?.as_slice::<f32>()?;
+        let taps = kh * kw;
+        let mut view = out.try_as_plain_ram_mut()?;
+        let output = view.as_slice_mut::<f32>()?;
+        SCRATCH.with(|s| {
+            let scratch = &mut *s.borrow_mut();
+            for (ix, (plane, dst)) in input
+                .chunks_exact(h * w)
+                .zip(output.chunks_exact_mut(g.oh * g.ow))
+                .enumerate()
+            {
+                let ch = ix % c;
+                let channel = DwFloatChannel {
+                    weights: &self.weights[ch * taps..][..taps],
+                    bias: self.bias[ch],
+                };
+                kernels::depthwise_f32(&g, plane, &channel, scratch, dst);
+            }
+        });
+        Ok(out)
+    }
+}
+
+thread_local! {
+    /// Reused by every depthwise convolution run on this thread, so that steady-state requests
+    /// allocate nothing here but the output tensor tract asks for.
+    static SCRATCH: RefCell<DwScratch> = RefCell::new(DwScratch::default());
+}
+
+impl Op for DwConv {
+    fn name(&self) -> StaticName {
+        "TernDwConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{KERNEL}, {} channels",
+            self.pool_spec.input_channels
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for DwConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        Ok(tvec!(self.run(&x)?.into_tvalue()))
+    }
+}
+
+impl TypedOp for DwConv {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1, "TernDwConv takes one input");
+        self.pool_spec.output_facts(inputs)
+    }
+}
+
+/// Replaces every float depthwise convolution the kernel covers; returns how many.
+pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
+    let candidates: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter(|n| n.op_as::<Conv>().is_some_and(|c| c.q_params.is_none()))
+        .map(|n| n.id)
+        .collect();
+    let mut fused = 0;
+    for id in candidates {
+        let node = model.node(id);
+        let conv = node.op_as::<Conv>().expect("filtered above");
+        match DwConv::from_conv(model, node, conv) {
+            Ok(op) => {
+                let patch = TypedModelPatch::replace_single_op(model, node, &[node.inputs[0]], op)?;
+                patch.apply(model)?;
+                fused += 1;
+            }
+            Err(why) => log::trace!("{}: stays with tract's conv ({why})", node.name),
+        }
+    }
+    if fused > 0 {
+        // Drops the weight and bias constants only the replaced convolutions read.
+        model.compact()?;
+    }
+    Ok(fused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::int8::Lcg;
+    use tract_onnx::tract_core::ops::cnn::PaddingSpec;
+
+    fn conv(pool_spec: PoolSpec, group: usize) -> Conv {
+        Conv {
+            pool_spec,
+            kernel_fmt: KernelFormat::OIHW,
+            group,
+            q_params: None,
+        }
+    }
+
+    /// A one-conv graph through tract as it is and with the conv replaced: same outputs on
+    /// random depthwise geometries (strides, explicit and `same` padding, 1-D kernels, scalar
+    /// and per-channel bias, NCHW and CHW), and the replacement really happened.
+    #[test]
+    fn replaced_convolutions_give_tracts_outputs() -> TractResult<()> {
+        let mut rng = Lcg(3);
+        let value = |rng: &mut Lcg| (rng.next() as f32 / u32::MAX as f32 - 0.5) * 2.0;
+        for case in 0..40 {
+            let c = 1 + rng.below(6);
+            let k = [1, 3, 5][rng.below(3)];
+            let (kh, kw) = if case % 4 == 0 { (1, k) } else { (k, k) };
+            let stride = 1 + rng.below(2);
+            let padding = if case % 3 == 0 {
+                PaddingSpec::SameUpper
+            } else {
+                PaddingSpec::Explicit(
+                    tvec![rng.below(kh), rng.below(kw)],
+                    tvec![rng.below(kh), rng.below(kw)],
+                )
+            };
+            let (n, h, w) = (1 + rng.below(2), kh + rng.below(9), kw + rng.below(30));
+            // As tract's axis rewrites leave a batch of 1: no batch axis at all.
+            let chw = case % 5 == 1;
+            let (n, shape) = if chw {
+                (1, vec![c, h, w])
+            } else {
+                (n, vec![n, c, h, w])
+            };
+            let spec = PoolSpec {
+                data_format: if chw {
+                    DataFormat::CHW
+                } else {
+                    DataFormat::NCHW
+                },
+                kernel_shape: tvec![kh, kw],
+                padding,
+                dilations: None,
+                strides: Some(tvec![stride, stride]),
+                input_channels: c,
+                output_channels: c,
+            };
+            let conv = conv(spec, c);
+            let weights: Vec<f32> = (0..c * kh * kw).map(|_| value(&mut rng)).collect();
+            // Per channel, or one scalar for all.
+            let bias = if case % 2 == 0 {
+                let b: Vec<f32> = (0..c).map(|_| value(&mut rng)).collect();
+                Tensor::from_shape(&[c], &b)?
+            } else {
+                Tensor::from(value(&mut rng))
+            };
+            let mut m = TypedModel::default();
+            let x = m.add_source("x", f32::fact(&shape))?;
+            let kernel = tract_ndarray::Array4::from_shape_vec((c, 1, kh, kw), weights)?;
+            let kernel = m.add_const("kernel", Tensor::from(kernel))?;
+            let bias = m.add_const("bias", bias)?;
+            let y = m.wire_node("conv", conv, &[x, kernel, bias])?;
+            m.select_output_outlets(&y)?;
+            let input: Vec<f32> = (0..n * c * h * w).map(|_| value(&mut rng)).collect();
+            let input = Tensor::from_shape(&shape, &input)?;
+            let want = m
+                .clone()
+                .into_runnable()?
+                .run(tvec![input.clone().into()])?;
+            assert_eq!(fuse(&mut m)?, 1, "case {case}");
+            assert!(m.nodes().iter().any(|n| n.op_is::<DwConv>()));
+            let got = m.into_runnable()?.run(tvec![input.into()])?;
+            assert_eq!(got[0].shape(), want[0].shape(), "case {case}");
+            // Sums of up to 25 products of values in [-1, 1], in another order (and with FMA):
+            // a few ulps of the largest partial sum apart.
+            let got = got[0].try_as_plain_ram()?.as_slice::<f32>()?;
+            let want = want[0].try_as_plain_ram()?.as_slice::<f32>()?;
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!((g - w).abs() <= 1e-5, "case {case}, output {i}: {g} vs {w}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Grouped but not depthwise, dilated, or computed weights: left to tract.
+    #[test]
+    fn convolutions_outside_the_kernel_stay_with_tract() -> TractResult<()> {
+        let spec = |c_in: usize, c_out: usize, dilation: usize| PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec![3, 3],
+            padding: PaddingSpec::Valid,
+            dilations: Some(tvec![dilation, dilation]),
+            strides: None,
+            input_channels: c_in,
+            output_channels: c_out,
+        };
+        // (input channels, output channels, group, dilation, kernel is a graph input)
+        for (c_in, c_out, group, dilation, computed) in [
+            (4, 4, 2, 1, false),
+            (4, 8, 4, 1, false),
+            (4, 4, 4, 2, false),
+            (4, 4, 4, 1, true),
+        ] {
+            let mut m = TypedModel::default();
+            let x = m.add_source("x", f32::fact([1, c_in, 9, 9]))?;
+            let shape = [c_out, c_in / group, 3, 3];
+            let kernel = if computed {
+                m.add_source("kernel", f32::fact(shape))?
+            } else {
+                m.add_const("kernel", Tensor::zero::<f32>(&shape)?)?
+            };
+            let bias = m.add_const("bias", Tensor::zero::<f32>(&[c_out])?)?;
+            let conv = conv(spec(c_in, c_out, dilation), group);
+            let y = m.wire_node("conv", conv, &[x, kernel, bias])?;
+            m.select_output_outlets(&y)?;
+            assert_eq!(
+                fuse(&mut m)?,
+                0,
+                "{c_in}→{c_out} group {group} dilation {dilation}"
+            );
+        }
+        Ok(())
+    }
+}
