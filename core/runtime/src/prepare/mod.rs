@@ -86,6 +86,9 @@ pub(crate) struct Compile {
     int8_kernels: bool,
     float_kernels: bool,
     axis_rewrites: bool,
+    /// The plan's batch is above 1 (concrete plans): tract's rule that folds a batch into the
+    /// spatial axis of a matrix product is left out (see `optimize`).
+    batch_apart: bool,
 }
 
 pub(crate) fn prepare(bytes: bytes::Bytes, options: &ModelOptions) -> Result<Prepared> {
@@ -186,6 +189,7 @@ fn prepare_inner(bytes: bytes::Bytes, options: &ModelOptions) -> Result<Prepared
         int8_kernels: options.int8_kernels,
         float_kernels: options.float_kernels,
         axis_rewrites: options.axis_rewrites,
+        batch_apart: false,
     };
     // Declared value_info and output shapes carry a fixed batch of 1 when the batch was forced;
     // they would then fail to unify with the symbol, and tract re-derives them anyway.
@@ -680,9 +684,21 @@ fn optimize(typed: TypedModel, compile: &Compile) -> Result<Arc<TypedSimplePlan>
     }
     let started = Instant::now();
     let mut optimized = typed;
+    let mut codegen = tract_onnx::tract_core::optim::Optimizer::codegen();
+    if compile.batch_apart {
+        // tract's MergeConsecutiveSameRoleAxes moves the reduction axis of `oi,nihw->nohw` (a
+        // 1×1 convolution) last whenever the batch and the spatial axis are both above 1, to
+        // fold them into one: a copy before and after every such product, and a bias it can
+        // no longer fuse. Without the pass tract loops over the batch instead: float
+        // MobileNets at batch 4 run in 57% of the time (BENCHMARKS.md). At batch 1 the pass
+        // only merges H and W, which is worth keeping.
+        codegen
+            .passes
+            .retain(|p| !format!("{p:?}").starts_with("MergeConsecutiveSameRoleAxes"));
+    }
     // `into_optimized` would declutter again; every caller hands over a decluttered model.
     optimized
-        .optimize()
+        .optimize_with_session(&mut codegen.session())
         .map_err(|e| Error::Prepare(chain(&e)))?;
     log::debug!("tract optimize {:.1?}", started.elapsed());
     trace_graph("optimized", &optimized);
@@ -830,7 +846,7 @@ fn concrete(proto: pb::ModelProto, ctx: &Context) -> Result<Prepared> {
         Some(shapes) => {
             let built = build(
                 || plans.imported(&shapes),
-                &ctx.compile,
+                &plans.compile_for(&shapes),
                 |io| concrete_outputs(io, ctx),
             )?;
             let inspection = inspect(Some(&built.survey), ctx.report, ctx.census, report);

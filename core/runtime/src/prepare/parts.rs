@@ -194,11 +194,23 @@ fn pool<J: Send, N: Send, R>(
     (fed, done)
 }
 
-/// Every job's result, or the first error (a job never run is an internal error).
+/// Every job's result, or the first error. A job skipped after a failure can come before the
+/// failed one (a worker that took it late sees the stop): the failure is what to report; a job
+/// never run with nothing failed is an internal error.
 fn prepared<N>(done: Vec<Option<Result<N>>>) -> Result<Vec<N>> {
-    done.into_iter()
-        .map(|d| d.unwrap_or_else(|| Err(Error::Internal("a part was not prepared".into()))))
-        .collect()
+    let mut results = Vec::with_capacity(done.len());
+    let mut skipped = false;
+    for d in done {
+        match d {
+            Some(Ok(n)) => results.push(n),
+            Some(Err(e)) => return Err(e),
+            None => skipped = true,
+        }
+    }
+    if skipped {
+        return Err(Error::Internal("a part was not prepared".into()));
+    }
+    Ok(results)
 }
 
 /// What typing an imported graph in parts gave.
@@ -896,6 +908,18 @@ mod tests {
             }
         });
         assert!(matches!(failed, Err(Error::Internal(m)) if m.contains("tract panicked")));
+    }
+
+    /// A part skipped because another failed may come first in the list: the failure is what
+    /// is reported (this was "a part was not prepared" when a loaded machine let a worker take
+    /// a part before the stop and look at it after).
+    #[test]
+    fn the_failure_is_reported_not_the_parts_it_made_skip() {
+        let failed = prepared::<u8>(vec![None, Some(Err(Error::Prepare("no".into()))), None]);
+        assert!(matches!(failed, Err(Error::Prepare(m)) if m == "no"));
+        let lost = prepared(vec![Some(Ok(1u8)), None]);
+        assert!(matches!(lost, Err(Error::Internal(_))));
+        assert_eq!(prepared(vec![Some(Ok(1u8)), Some(Ok(2))]).unwrap(), [1, 2]);
     }
 
     #[test]

@@ -126,7 +126,12 @@ impl Concrete {
         // Built outside the lock: a slow preparation must not stall sessions running other
         // shapes. Two sessions racing for the same new shape both build; one result is kept.
         let started = std::time::Instant::now();
-        let built = build(|| self.imported(shapes), &self.compile, |_| Ok(())).map(|b| b.plan);
+        let built = build(
+            || self.imported(shapes),
+            &self.compile_for(shapes),
+            |_| Ok(()),
+        )
+        .map(|b| b.plan);
         let plan = match built {
             Ok(plan) => plan,
             Err(e) => {
@@ -167,6 +172,19 @@ impl Concrete {
         c.tick += 1;
         let tick = c.tick;
         c.plans.push((shapes.to_vec(), plan, tick));
+    }
+
+    /// What the plan for `shapes` is compiled with: the model's settings, and whether its
+    /// batch is above 1.
+    pub(crate) fn compile_for(&self, shapes: &[Vec<usize>]) -> Compile {
+        let rows = shapes
+            .iter()
+            .zip(&self.batched)
+            .find_map(|(s, &batched)| batched.then(|| s.first().copied()).flatten());
+        Compile {
+            batch_apart: rows.is_some_and(|r| r > 1),
+            ..self.compile.clone()
+        }
     }
 
     pub(crate) fn source(&self) -> &pb::ModelProto {
@@ -262,6 +280,41 @@ pub(crate) fn ladder(configured: &[usize], max_batch: Option<usize>) -> Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::prepare::Plans;
+    use crate::{Model, ModelOptions, PlanMode};
+
+    /// A plan for a batch above 1 keeps the batch out of the pointwise products: tract's merge
+    /// would move their reduction axis aside, with a `MoveAxis` copy on each side. The float
+    /// MobileNet at batch 4: none in the plan; compiled as batch 1's plans are, there are.
+    #[test]
+    fn plans_above_batch_one_keep_the_batch_out_of_the_products() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/testdata/mobilenet/fp32.onnx"
+        );
+        let options = ModelOptions {
+            plans: PlanMode::Concrete,
+            ..ModelOptions::default()
+        };
+        let model = Model::load(path, &options).unwrap();
+        let Plans::Concrete(plans) = &model.inner.plans else {
+            panic!("concrete plans were asked for");
+        };
+        let moves = |plan: &Plan| {
+            plan.parts
+                .iter()
+                .flat_map(|p| p.model.model().nodes())
+                .filter(|n| n.op.name() == "MoveAxis")
+                .count()
+        };
+        let shapes = [vec![4, 3, 48, 192]];
+        assert!(plans.compile_for(&shapes).batch_apart);
+        assert!(!plans.compile_for(&[vec![1, 3, 48, 192]]).batch_apart);
+        assert_eq!(moves(&plans.plan(&shapes).unwrap()), 0);
+        let merged = build(|| plans.imported(&shapes), &plans.compile, |_| Ok(())).unwrap();
+        assert!(moves(&merged.plan) > 0);
+    }
 
     #[test]
     fn the_ladder_doubles_up_to_the_largest_batch() {
