@@ -117,6 +117,11 @@ impl DwConv {
             "expected {} channels, got {c}",
             self.pool_spec.input_channels
         );
+        // Planes are chunks below, and their sizes go into the padding arithmetic.
+        ensure!(
+            h > 0 && w > 0,
+            "depthwise convolution of an empty {h}×{w} plane"
+        );
         let pads = self.pool_spec.computed_padding(&[h, w]);
         let (kh, kw) = (
             self.pool_spec.kernel_shape[0],
@@ -144,6 +149,9 @@ impl DwConv {
                 _ => Tensor::uninitialized::<f32>(&[n, c, g.oh, g.ow])?,
             }
         };
+        if out.len() == 0 {
+            return Ok(out);
+        }
         let input = x.try_as_plain_ram()?.as_slice::<f32>()?;
         let taps = kh * kw;
         let mut view = out.try_as_plain_ram_mut()?;
@@ -324,6 +332,32 @@ mod tests {
             for (i, (g, w)) in got.iter().zip(want).enumerate() {
                 assert!((g - w).abs() <= 1e-5, "case {case}, output {i}: {g} vs {w}");
             }
+        }
+        Ok(())
+    }
+
+    /// An empty batch gives an empty output; empty planes an error, not a panic.
+    #[test]
+    fn an_empty_batch_is_empty_and_empty_planes_are_an_error() -> TractResult<()> {
+        let spec = PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec![3, 3],
+            padding: PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]),
+            dilations: None,
+            strides: None,
+            input_channels: 2,
+            output_channels: 2,
+        };
+        let op = DwConv {
+            pool_spec: spec,
+            weights: Arc::new(vec![1.0; 18]),
+            bias: Arc::new(vec![0.5; 2]),
+        };
+        let y = op.run(&Tensor::zero::<f32>(&[0, 2, 5, 5])?)?;
+        assert_eq!(y.shape(), [0, 2, 5, 5]);
+        for shape in [[1, 2, 0, 5], [1, 2, 5, 0]] {
+            let e = op.run(&Tensor::zero::<f32>(&shape)?).unwrap_err();
+            assert!(e.to_string().contains("empty"), "{shape:?}: {e}");
         }
         Ok(())
     }
