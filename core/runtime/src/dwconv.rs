@@ -6,7 +6,9 @@
 //! the one its int8 depthwise convolutions run on (`int8/kernels.rs`): each plane is padded
 //! once and split by column phase, and blocks of 4 rows × 16 outputs accumulate every tap in
 //! registers. The rewrite runs after tract's declutter, where weights and biases are constants
-//! and the layout is final; a convolution the kernel does not cover stays with tract.
+//! and the layout is final; a convolution the kernel does not cover stays with tract. The
+//! activation that follows (ReLU, ReLU6, h-swish: every depthwise convolution of a MobileNet
+//! has one) is applied as the kernel stores, instead of as a node of its own.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -15,18 +17,24 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PoolSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-use crate::int8::kernels::{self, DwFloatChannel, DwGeometry, DwScratch};
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::math::{Max, Min};
+use tract_onnx::tract_core::ops::nn::HardSwish;
+
+use crate::int8::kernels::{self, DwFloatChannel, DwGeometry, DwScratch, FloatAct};
 
 /// What the inspection says runs a convolution replaced here.
 pub(crate) const KERNEL: &str = "Tern f32 depthwise kernel";
 
-/// A 2-D depthwise convolution over f32 NCHW input, bias added.
+/// A 2-D depthwise convolution over f32 NCHW input, bias added, then an activation.
 #[derive(Debug, Clone)]
 pub(crate) struct DwConv {
     pool_spec: PoolSpec,
     /// `kh × kw` taps per channel.
     weights: Arc<Vec<f32>>,
     bias: Arc<Vec<f32>>,
+    act: FloatAct,
 }
 
 impl PartialEq for DwConv {
@@ -35,6 +43,7 @@ impl PartialEq for DwConv {
         Arc::ptr_eq(&self.weights, &other.weights)
             && Arc::ptr_eq(&self.bias, &other.bias)
             && self.pool_spec == other.pool_spec
+            && self.act == other.act
     }
 }
 
@@ -103,6 +112,7 @@ impl DwConv {
             pool_spec: spec.clone(),
             weights: Arc::new(weights),
             bias: Arc::new(bias),
+            act: FloatAct::None,
         })
     }
 
@@ -167,6 +177,7 @@ impl DwConv {
                 let channel = DwFloatChannel {
                     weights: &self.weights[ch * taps..][..taps],
                     bias: self.bias[ch],
+                    act: self.act,
                 };
                 kernels::depthwise_f32(&g, plane, &channel, scratch, dst);
             }
@@ -187,8 +198,13 @@ impl Op for DwConv {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
+        let act = match self.act {
+            FloatAct::None => String::new(),
+            FloatAct::Clamp { lo, hi } => format!(", then clamped to [{lo}, {hi}]"),
+            FloatAct::HardSwish => ", then h-swish".into(),
+        };
         Ok(vec![format!(
-            "{KERNEL}, {} channels",
+            "{KERNEL}, {} channels{act}",
             self.pool_spec.input_channels
         )])
     }
@@ -227,8 +243,17 @@ pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
         let node = model.node(id);
         let conv = node.op_as::<Conv>().expect("filtered above");
         match DwConv::from_conv(model, node, conv) {
-            Ok(op) => {
-                let patch = TypedModelPatch::replace_single_op(model, node, &[node.inputs[0]], op)?;
+            Ok(mut op) => {
+                let (act, absorbed) = activation_after(model, id);
+                op.act = act;
+                let mut patch = TypedModelPatch::default();
+                let x = patch.tap_model(model, node.inputs[0])?;
+                let y = patch.wire_node(&node.name, op, &[x])?[0];
+                let last = absorbed.last().copied().unwrap_or(id);
+                patch.shunt_outside(model, last.into(), y)?;
+                for dead in std::iter::once(id).chain(absorbed) {
+                    patch.obliterate(dead)?;
+                }
                 patch.apply(model)?;
                 fused += 1;
             }
@@ -240,6 +265,88 @@ pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
         model.compact()?;
     }
     Ok(fused)
+}
+
+/// The activation the node `id` feeds, and the nodes it takes: an h-swish, or a run of `Max`
+/// and `Min` against one constant each (ReLU is `Max(x, 0)` once tract has decluttered it,
+/// ReLU6 `Min(Max(x, 0), 6)`). Each node taken must be the sole reader of the one before and
+/// keep its shape; an output of the model is not taken past.
+fn activation_after(model: &TypedModel, id: usize) -> (FloatAct, Vec<usize>) {
+    let mut act = FloatAct::None;
+    let mut absorbed = vec![];
+    let mut at = id;
+    loop {
+        let outlet = OutletId::new(at, 0);
+        if model.output_outlets().is_ok_and(|o| o.contains(&outlet)) {
+            break;
+        }
+        let Ok(Some(next)) = model.single_succ(at) else {
+            break;
+        };
+        let same_shape = match (model.outlet_fact(outlet), model.outlet_fact(next.id.into())) {
+            (Ok(a), Ok(b)) => a.shape == b.shape && b.datum_type == DatumType::F32,
+            _ => false,
+        };
+        if !same_shape || next.outputs.len() != 1 {
+            break;
+        }
+        let step = if next
+            .op_as::<ElementWiseOp>()
+            .is_some_and(|e| e.0.is::<HardSwish>())
+        {
+            // Nothing composes after h-swish in the store.
+            (act == FloatAct::None).then_some(FloatAct::HardSwish)
+        } else if let Some(bin) = next.op_as::<TypedBinOp>() {
+            let bound = other_scalar(model, next, outlet);
+            let (lo, hi) = match act {
+                FloatAct::None => (f32::NEG_INFINITY, f32::INFINITY),
+                FloatAct::Clamp { lo, hi } => (lo, hi),
+                FloatAct::HardSwish => break,
+            };
+            match bound {
+                Some(c) if bin.0.is::<Max>() => Some(FloatAct::Clamp {
+                    lo: lo.max(c),
+                    hi: hi.max(c),
+                }),
+                Some(c) if bin.0.is::<Min>() => Some(FloatAct::Clamp {
+                    lo: lo.min(c),
+                    hi: hi.min(c),
+                }),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let Some(step) = step else {
+            break;
+        };
+        act = step;
+        absorbed.push(next.id);
+        at = next.id;
+    }
+    (act, absorbed)
+}
+
+/// The constant, not NaN, single f32 that `node` combines with `from`, if its other input is one.
+pub(crate) fn other_scalar(model: &TypedModel, node: &TypedNode, from: OutletId) -> Option<f32> {
+    let [a, b] = node.inputs[..] else {
+        return None;
+    };
+    let other = if a == from { b } else { a };
+    if other == from || (a != from && b != from) {
+        return None;
+    }
+    let konst = model.outlet_fact(other).ok()?.konst.clone()?;
+    if konst.len() != 1 || konst.datum_type() != DatumType::F32 {
+        return None;
+    }
+    let v = *konst
+        .try_as_plain_ram()
+        .ok()?
+        .as_slice::<f32>()
+        .ok()?
+        .first()?;
+    (!v.is_nan()).then_some(v)
 }
 
 #[cfg(test)]
@@ -255,6 +362,19 @@ mod tests {
             kernel_fmt: KernelFormat::OIHW,
             group,
             q_params: None,
+        }
+    }
+
+    /// A 3×3 depthwise convolution over `c` channels, padded to keep its size.
+    fn same_3x3(c: usize) -> PoolSpec {
+        PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec![3, 3],
+            padding: PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]),
+            dilations: None,
+            strides: None,
+            input_channels: c,
+            output_channels: c,
         }
     }
 
@@ -336,22 +456,135 @@ mod tests {
         Ok(())
     }
 
+    /// The activations after a depthwise convolution move into it when nothing else reads
+    /// what they take; the graph computes what it did.
+    #[test]
+    fn activations_after_the_convolution_are_applied_as_it_stores() -> TractResult<()> {
+        use tract_onnx::tract_core::ops::{math, nn};
+        let (c, h, w) = (3, 7, 9);
+        // (case, activation expected in the op, nodes taken besides the conv)
+        let cases: [(&str, FloatAct, usize); 9] = [
+            (
+                "relu",
+                FloatAct::Clamp {
+                    lo: 0.0,
+                    hi: f32::INFINITY,
+                },
+                1,
+            ),
+            ("relu6", FloatAct::Clamp { lo: 0.0, hi: 6.0 }, 2),
+            (
+                "min-first",
+                FloatAct::Clamp {
+                    lo: f32::NEG_INFINITY,
+                    hi: 0.5,
+                },
+                1,
+            ),
+            ("hard-swish", FloatAct::HardSwish, 1),
+            ("hard-swish then relu", FloatAct::HardSwish, 1),
+            ("relu of an output", FloatAct::None, 0),
+            ("max of two tensors", FloatAct::None, 0),
+            ("conv read twice", FloatAct::None, 0),
+            (
+                "relu then a shared min",
+                FloatAct::Clamp {
+                    lo: 0.0,
+                    hi: f32::INFINITY,
+                },
+                1,
+            ),
+        ];
+        for (case, act, taken) in cases {
+            let mut m = TypedModel::default();
+            let x = m.add_source("x", f32::fact([1, c, h, w]))?;
+            let mut rng = Lcg(5);
+            let value = |rng: &mut Lcg| (rng.next() as f32 / u32::MAX as f32 - 0.5) * 8.0;
+            let kernel: Vec<f32> = (0..c * 9).map(|_| value(&mut rng) / 4.0).collect();
+            let kernel = tract_ndarray::Array4::from_shape_vec((c, 1, 3, 3), kernel)?;
+            let kernel = m.add_const("kernel", Tensor::from(kernel))?;
+            let bias = m.add_const("bias", Tensor::from_shape(&[c], &[0.5f32, -1.0, 2.0])?)?;
+            let y = m.wire_node("conv", conv(same_3x3(c), c), &[x, kernel, bias])?[0];
+            let scalar = |m: &mut TypedModel, name: &str, v: f32| {
+                m.add_const(name, Tensor::from_shape(&[1, 1, 1, 1], &[v])?)
+            };
+            let zero = scalar(&mut m, "zero", 0.0)?;
+            let six = scalar(&mut m, "six", 6.0)?;
+            let half = scalar(&mut m, "half", 0.5)?;
+            let mut outputs = vec![];
+            match case {
+                "relu" => outputs.push(m.wire_node("relu", math::max(), &[y, zero])?[0]),
+                "relu6" => {
+                    let r = m.wire_node("relu", math::max(), &[y, zero])?[0];
+                    outputs.push(m.wire_node("relu6", math::min(), &[r, six])?[0]);
+                }
+                "min-first" => outputs.push(m.wire_node("min", math::min(), &[half, y])?[0]),
+                "hard-swish" => outputs.push(m.wire_node("hs", nn::hard_swish(), &[y])?[0]),
+                "hard-swish then relu" => {
+                    let s = m.wire_node("hs", nn::hard_swish(), &[y])?[0];
+                    outputs.push(m.wire_node("relu", math::max(), &[s, zero])?[0]);
+                }
+                "relu of an output" => {
+                    outputs.push(y);
+                    outputs.push(m.wire_node("relu", math::max(), &[y, zero])?[0]);
+                }
+                "max of two tensors" => {
+                    outputs.push(m.wire_node("max", math::max(), &[y, x])?[0]);
+                }
+                "conv read twice" => {
+                    outputs.push(m.wire_node("relu", math::max(), &[y, zero])?[0]);
+                    outputs.push(m.wire_node("min", math::min(), &[y, six])?[0]);
+                }
+                "relu then a shared min" => {
+                    let r = m.wire_node("relu", math::max(), &[y, zero])?[0];
+                    outputs.push(m.wire_node("min", math::min(), &[r, six])?[0]);
+                    outputs.push(m.wire_node("max", math::max(), &[r, half])?[0]);
+                }
+                _ => unreachable!(),
+            }
+            m.select_output_outlets(&outputs)?;
+            let input: Vec<f32> = (0..c * h * w).map(|_| value(&mut rng)).collect();
+            let input = Tensor::from_shape(&[1, c, h, w], &input)?;
+            let want = m
+                .clone()
+                .into_runnable()?
+                .run(tvec![input.clone().into()])?;
+            let before = m.nodes().len();
+            assert_eq!(fuse(&mut m)?, 1, "{case}");
+            let op = m
+                .nodes()
+                .iter()
+                .find_map(|n| n.op_as::<DwConv>())
+                .expect("replaced");
+            assert_eq!(op.act, act, "{case}");
+            // The conv's weight and bias constants go with it, and every node taken.
+            let unused = ["zero", "six", "half"]
+                .iter()
+                .filter(|k| !m.nodes().iter().any(|n| n.name == **k))
+                .count();
+            assert_eq!(m.nodes().len(), before - 2 - taken - unused, "{case}");
+            let got = m.into_runnable()?.run(tvec![input.into()])?;
+            assert_eq!(got.len(), want.len(), "{case}");
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.shape(), w.shape(), "{case}");
+                let g = g.try_as_plain_ram()?.as_slice::<f32>()?;
+                let w = w.try_as_plain_ram()?.as_slice::<f32>()?;
+                for (i, (g, w)) in g.iter().zip(w).enumerate() {
+                    assert!((g - w).abs() <= 1e-5, "{case}, output {i}: {g} vs {w}");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// An empty batch gives an empty output; empty planes an error, not a panic.
     #[test]
     fn an_empty_batch_is_empty_and_empty_planes_are_an_error() -> TractResult<()> {
-        let spec = PoolSpec {
-            data_format: DataFormat::NCHW,
-            kernel_shape: tvec![3, 3],
-            padding: PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]),
-            dilations: None,
-            strides: None,
-            input_channels: 2,
-            output_channels: 2,
-        };
         let op = DwConv {
-            pool_spec: spec,
+            pool_spec: same_3x3(2),
             weights: Arc::new(vec![1.0; 18]),
             bias: Arc::new(vec![0.5; 2]),
+            act: FloatAct::None,
         };
         let y = op.run(&Tensor::zero::<f32>(&[0, 2, 5, 5])?)?;
         assert_eq!(y.shape(), [0, 2, 5, 5]);

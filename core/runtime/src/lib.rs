@@ -21,6 +21,7 @@ mod error;
 mod inspect;
 mod int8;
 mod model;
+mod planesum;
 mod prepare;
 mod run;
 

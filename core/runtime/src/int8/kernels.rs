@@ -1004,6 +1004,24 @@ mod avx2 {
         )
     }
 
+    /// Where the even and the odd values of a row of `len` go in `dst`, once both runs are
+    /// known to fit and not to overlap: the two split kernels write through these pointers.
+    fn phase_rows(len: usize, dst: &mut [f32], even: usize, odd: usize) -> (*mut f32, *mut f32) {
+        let (n_even, n_odd) = (len.div_ceil(2), len / 2);
+        assert!(
+            even + n_even <= dst.len() && odd + n_odd <= dst.len(),
+            "phase rows"
+        );
+        assert!(
+            even + n_even <= odd || odd + n_odd <= even,
+            "phase rows overlap"
+        );
+        (
+            dst.as_mut_ptr().wrapping_add(even),
+            dst.as_mut_ptr().wrapping_add(odd),
+        )
+    }
+
     /// Converts a row of bytes to f32 (zero point subtracted), even columns to `dst[even..]`,
     /// odd ones to `dst[odd..]`: the two phases of a stride-2 depthwise input row.
     ///
@@ -1018,26 +1036,14 @@ mod avx2 {
         even: usize,
         odd: usize,
     ) {
-        let (n_even, n_odd) = (src.len().div_ceil(2), src.len() / 2);
-        assert!(
-            even + n_even <= dst.len() && odd + n_odd <= dst.len(),
-            "phase rows"
-        );
-        assert!(
-            even + n_even <= odd || odd + n_odd <= even,
-            "phase rows overlap"
-        );
-        let (e, o) = (
-            dst.as_mut_ptr().wrapping_add(even),
-            dst.as_mut_ptr().wrapping_add(odd),
-        );
+        let (e, o) = phase_rows(src.len(), dst, even, odd);
         let deal = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
         let flip_v = _mm_set1_epi8(flip as i8);
         let x0_v = _mm256_set1_ps(x0);
         let chunks = src.len() / 16;
         for i in 0..chunks {
             // SAFETY: 16 bytes at 16·i are inside `src`; 8 values at 8·i are inside each phase
-            // row (8·i + 8 <= n_odd <= n_even), checked above.
+            // row (8·i + 8 <= len / 2, the odd run), checked by `phase_rows`.
             unsafe {
                 let v = _mm_loadu_si128(src.as_ptr().add(16 * i) as *const __m128i);
                 let v = _mm_shuffle_epi8(_mm_xor_si128(v, flip_v), deal);
@@ -1054,6 +1060,41 @@ mod avx2 {
                 odd + x / 2
             };
             dst[at] = (b ^ flip) as f32 - x0;
+        }
+    }
+
+    /// [`split2`] for floats: the even columns of `src` to `dst[even..]`, the odd ones to
+    /// `dst[odd..]`, 16 values a step.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn split2_f32(src: &[f32], dst: &mut [f32], even: usize, odd: usize) {
+        let (e, o) = phase_rows(src.len(), dst, even, odd);
+        let chunks = src.len() / 16;
+        for i in 0..chunks {
+            // SAFETY: 16 values at 16·i are inside `src`; 8 at 8·i inside each phase row
+            // (8·i + 8 <= len / 2, the odd run), checked by `phase_rows`.
+            unsafe {
+                let a = _mm256_loadu_ps(src.as_ptr().add(16 * i));
+                let b = _mm256_loadu_ps(src.as_ptr().add(16 * i + 8));
+                // Within each 128-bit lane: a0 a2 b0 b2 | a4 a6 b4 b6; the 64-bit swap of
+                // the middle pairs puts them in order.
+                let evens = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
+                let odds = _mm256_castps_pd(_mm256_shuffle_ps::<0b11_01_11_01>(a, b));
+                let evens = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(evens));
+                let odds = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(odds));
+                _mm256_storeu_ps(e.add(8 * i), evens);
+                _mm256_storeu_ps(o.add(8 * i), odds);
+            }
+        }
+        for (x, &v) in src.iter().enumerate().skip(16 * chunks) {
+            let at = if x % 2 == 0 {
+                even + x / 2
+            } else {
+                odd + x / 2
+            };
+            dst[at] = v;
         }
     }
 
@@ -1123,8 +1164,8 @@ mod avx2 {
                 for r in 0..DW_ROWS.min(g.oh - oy0) {
                     let dst = &mut out[(oy0 + r) * g.ow + ox..][..n];
                     let (a0, a1) = (
-                        _mm256_add_ps(acc[2 * r], bias),
-                        _mm256_add_ps(acc[2 * r + 1], bias),
+                        activate(_mm256_add_ps(acc[2 * r], bias), c.act),
+                        activate(_mm256_add_ps(acc[2 * r + 1], bias), c.act),
                     );
                     if n == DW_BLOCK {
                         // SAFETY: `dst` holds DW_BLOCK = 16 values.
@@ -1141,6 +1182,24 @@ mod avx2 {
                         dst.copy_from_slice(&tile[..n]);
                     }
                 }
+            }
+        }
+    }
+
+    /// [`FloatAct::apply`] on 8 values. Operand order follows `f32::max`/`min` where an input
+    /// is NaN: the bound is kept, as the scalar path does.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn activate(v: __m256, act: FloatAct) -> __m256 {
+        match act {
+            FloatAct::None => v,
+            FloatAct::Clamp { lo, hi } => {
+                _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(lo)), _mm256_set1_ps(hi))
+            }
+            FloatAct::HardSwish => {
+                let r = _mm256_add_ps(v, _mm256_set1_ps(3.0));
+                let r = _mm256_min_ps(_mm256_max_ps(r, _mm256_setzero_ps()), _mm256_set1_ps(6.0));
+                _mm256_mul_ps(_mm256_mul_ps(v, r), _mm256_set1_ps(1.0 / 6.0))
             }
         }
     }
@@ -1219,10 +1278,37 @@ enum DwSource<'a> {
     Floats(&'a [f32]),
 }
 
-/// One float channel's parameters: `kh × kw` weights and the bias.
+/// One float channel's parameters: `kh × kw` weights, the bias and the activation after it.
 pub(crate) struct DwFloatChannel<'a> {
     pub(crate) weights: &'a [f32],
     pub(crate) bias: f32,
+    pub(crate) act: FloatAct,
+}
+
+/// The activation a float depthwise convolution applies as it stores: the op tract would
+/// otherwise run after it is one more pass over the output and one more node per layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum FloatAct {
+    None,
+    /// `min(max(x, lo), hi)`: ReLU, ReLU6 and the like.
+    Clamp {
+        lo: f32,
+        hi: f32,
+    },
+    /// `x · clamp(x + 3, 0, 6) / 6`, in tract's order of operations.
+    HardSwish,
+}
+
+impl FloatAct {
+    #[inline(always)]
+    pub(crate) fn apply(self, x: f32) -> f32 {
+        match self {
+            FloatAct::None => x,
+            // `f32::max`/`min`, as tract's Max and Min evaluate.
+            FloatAct::Clamp { lo, hi } => x.max(lo).min(hi),
+            FloatAct::HardSwish => x * (x + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0),
+        }
+    }
 }
 
 /// One channel's parameters: `kh × kw` weights minus their zero point, bias, multiplier.
@@ -1353,6 +1439,14 @@ fn fill_phases(g: &DwGeometry, x: DwSource, scratch: &mut DwScratch) -> Phases {
                     scratch.phases[py * width + pl..][..g.w].copy_from_slice(src);
                     continue;
                 }
+                #[cfg(target_arch = "x86_64")]
+                if sx == 2 && simd::avx2() {
+                    let even = ((pl % 2) * ph_alloc + py) * width + pl / 2;
+                    let odd = ((1 - pl % 2) * ph_alloc + py) * width + pl.div_ceil(2);
+                    // SAFETY: AVX2 was detected on this CPU.
+                    unsafe { avx2::split2_f32(src, &mut scratch.phases, even, odd) };
+                    continue;
+                }
                 src
             }
             DwSource::Bytes(x) => {
@@ -1428,7 +1522,7 @@ pub(crate) fn depthwise_f32_portable(
         out,
         |dst, acc| {
             for (o, &a) in dst.iter_mut().zip(acc) {
-                *o = a + c.bias;
+                *o = c.act.apply(a + c.bias);
             }
         },
     );
@@ -1712,6 +1806,19 @@ mod tests {
             let plane: Vec<f32> = (0..h * w).map(|_| value(&mut rng)).collect();
             let weights: Vec<f32> = (0..kh * kw).map(|_| value(&mut rng)).collect();
             let bias = value(&mut rng);
+            // Each activation on a quarter of the cases, with bounds inside the sums' range.
+            let act = match case % 4 {
+                0 => FloatAct::None,
+                1 => FloatAct::Clamp {
+                    lo: 0.0,
+                    hi: f32::INFINITY,
+                },
+                2 => FloatAct::Clamp {
+                    lo: -value(&mut rng).abs(),
+                    hi: value(&mut rng).abs(),
+                },
+                _ => FloatAct::HardSwish,
+            };
             let mut expected = vec![0f64; g.oh * g.ow];
             for (at, e) in expected.iter_mut().enumerate() {
                 let (oy, ox) = (at / g.ow, at % g.ow);
@@ -1727,9 +1834,17 @@ mod tests {
                     }
                 }
             }
+            for e in expected.iter_mut() {
+                *e = match act {
+                    FloatAct::None => *e,
+                    FloatAct::Clamp { lo, hi } => e.max(lo as f64).min(hi as f64),
+                    FloatAct::HardSwish => *e * (*e + 3.0).clamp(0.0, 6.0) / 6.0,
+                };
+            }
             let c = DwFloatChannel {
                 weights: &weights,
                 bias,
+                act,
             };
             let mut got = vec![f32::NAN; g.oh * g.ow];
             for path in ["portable", "dispatched"] {
@@ -1742,7 +1857,7 @@ mod tests {
                 for (i, (a, e)) in got.iter().zip(&expected).enumerate() {
                     assert!(
                         (*a as f64 - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                        "{path}, case {case}, output {i}: {a} vs {e}; {g:?}"
+                        "{path}, case {case}, output {i}: {a} vs {e}; {g:?}, {act:?}"
                     );
                 }
             }

@@ -491,6 +491,9 @@ fn finish(typed: &mut TypedModel, compile: &Compile) -> Result<()> {
         let replaced = crate::dwconv::fuse(typed)
             .map_err(|e| Error::Prepare(format!("placing depthwise kernels: {}", chain(&e))))?;
         log::debug!("{replaced} f32 depthwise convolutions on Tern's kernel");
+        let sums = crate::planesum::fuse(typed)
+            .map_err(|e| Error::Prepare(format!("placing plane sums: {}", chain(&e))))?;
+        log::debug!("{sums} f32 sums over trailing axes on Tern's loop");
     }
     trace_graph("decluttered", typed);
     if compile.precision == Precision::F16 {
@@ -597,12 +600,19 @@ pub(crate) fn build<T>(
 fn declutter(typed: &mut TypedModel, axis_rewrites: bool) -> TractResult<()> {
     let mut optimizer = tract_onnx::tract_core::optim::Optimizer::declutter();
     if !axis_rewrites {
-        // The pass types are private to tract; their Debug names are the handle it gives.
-        optimizer
-            .passes
-            .retain(|p| !format!("{p:?}").starts_with("ChangeAxes"));
+        without_pass(&mut optimizer, "ChangeAxes");
     }
     optimizer.optimize(typed)
+}
+
+/// Drops one of tract's passes from an optimizer. The pass types are private to tract; their
+/// Debug names are the handle it gives.
+fn without_pass(optimizer: &mut tract_onnx::tract_core::optim::Optimizer, name: &str) -> usize {
+    let before = optimizer.passes.len();
+    optimizer
+        .passes
+        .retain(|p| !format!("{p:?}").starts_with(name));
+    before - optimizer.passes.len()
 }
 
 /// The device a model asked for runs on, or the CPU with the reason.
@@ -692,9 +702,7 @@ fn optimize(typed: TypedModel, compile: &Compile) -> Result<Arc<TypedSimplePlan>
         // no longer fuse. Without the pass tract loops over the batch instead: float
         // MobileNets at batch 4 run in 57% of the time (BENCHMARKS.md). At batch 1 the pass
         // only merges H and W, which is worth keeping.
-        codegen
-            .passes
-            .retain(|p| !format!("{p:?}").starts_with("MergeConsecutiveSameRoleAxes"));
+        without_pass(&mut codegen, "MergeConsecutiveSameRoleAxes");
     }
     // `into_optimized` would declutter again; every caller hands over a decluttered model.
     optimized
@@ -1428,5 +1436,22 @@ fn inspect(
         rewrites,
         device: Device::Cpu,
         device_note: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::optim::Optimizer;
+
+    /// A tract upgrade that renames a pass would otherwise make Tern keep it without a word.
+    #[test]
+    fn the_passes_tern_leaves_out_are_found_by_name() {
+        assert_eq!(without_pass(&mut Optimizer::declutter(), "ChangeAxes"), 1);
+        assert_eq!(
+            without_pass(&mut Optimizer::codegen(), "MergeConsecutiveSameRoleAxes"),
+            1
+        );
+        assert_eq!(without_pass(&mut Optimizer::codegen(), "NoSuchPass"), 0);
     }
 }
