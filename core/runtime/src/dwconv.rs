@@ -166,20 +166,55 @@ impl DwConv {
         let taps = kh * kw;
         let mut view = out.try_as_plain_ram_mut()?;
         let output = view.as_slice_mut::<f32>()?;
+        let channel = |ix: usize| {
+            let ch = ix % c;
+            DwFloatChannel {
+                weights: &self.weights[ch * taps..][..taps],
+                bias: self.bias[ch],
+                act: self.act,
+            }
+        };
+        let (plane, out_plane) = (h * w, g.oh * g.ow);
         SCRATCH.with(|s| {
             let scratch = &mut *s.borrow_mut();
-            for (ix, (plane, dst)) in input
-                .chunks_exact(h * w)
-                .zip(output.chunks_exact_mut(g.oh * g.ow))
+            // Planes of (image, channel) in order; small ones four at a time.
+            let mut done = 0;
+            if kernels::quad_fits(&g) {
+                for (q, (xs, ys)) in input
+                    .chunks_exact(4 * plane)
+                    .zip(output.chunks_exact_mut(4 * out_plane))
+                    .enumerate()
+                {
+                    let ix = 4 * q;
+                    let cs = [
+                        channel(ix),
+                        channel(ix + 1),
+                        channel(ix + 2),
+                        channel(ix + 3),
+                    ];
+                    let mut xs = xs.chunks_exact(plane);
+                    let mut ys = ys.chunks_exact_mut(out_plane);
+                    let mut next_x = || xs.next().expect("four planes");
+                    let planes = [next_x(), next_x(), next_x(), next_x()];
+                    let mut next_y = || ys.next().expect("four planes");
+                    let outs = [next_y(), next_y(), next_y(), next_y()];
+                    kernels::depthwise_f32_quad(
+                        &g,
+                        planes,
+                        [&cs[0], &cs[1], &cs[2], &cs[3]],
+                        scratch,
+                        outs,
+                    );
+                    done = ix + 4;
+                }
+            }
+            for (ix, (x, y)) in input
+                .chunks_exact(plane)
+                .zip(output.chunks_exact_mut(out_plane))
                 .enumerate()
+                .skip(done)
             {
-                let ch = ix % c;
-                let channel = DwFloatChannel {
-                    weights: &self.weights[ch * taps..][..taps],
-                    bias: self.bias[ch],
-                    act: self.act,
-                };
-                kernels::depthwise_f32(&g, plane, &channel, scratch, dst);
+                kernels::depthwise_f32(&g, x, &channel(ix), scratch, y);
             }
         });
         Ok(out)

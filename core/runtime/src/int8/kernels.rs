@@ -1114,7 +1114,7 @@ mod avx2 {
     ) {
         // Integer values below 2^24 in, so the multiply-adds are exact: the same integers as
         // the portable kernel.
-        let layout = fill_phases(g, DwSource::Bytes(x), scratch);
+        let layout = fill_phases(g, DwSource::Bytes(x), scratch, 0, 1);
         let k = bounds(q);
         let row_step = checked_row_step(g, &layout, scratch);
         for oy0 in (0..g.oh).step_by(DW_ROWS) {
@@ -1151,7 +1151,7 @@ mod avx2 {
         scratch: &mut DwScratch,
         out: &mut [f32],
     ) {
-        let layout = fill_phases(g, DwSource::Floats(plane), scratch);
+        let layout = fill_phases(g, DwSource::Floats(plane), scratch, 0, 1);
         let row_step = checked_row_step(g, &layout, scratch);
         let bias = _mm256_set1_ps(c.bias);
         let mut tile = [0f32; DW_BLOCK];
@@ -1181,6 +1181,80 @@ mod avx2 {
                         }
                         dst.copy_from_slice(&tile[..n]);
                     }
+                }
+            }
+        }
+    }
+
+    /// [`super::depthwise_f32_quad`]: four planes of one geometry, each its own copy of the
+    /// layout, in one pass over the taps. Each plane gets two registers a step: two output
+    /// rows of 8 when the output is at most 8 wide, else one row of 16; so the 8 independent
+    /// chains [`dw_rows`] gets from 4 rows × 16 of one plane come from planes too small to
+    /// fill them.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `g.ow` must be at most [`DW_BLOCK`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn depthwise_f32_quad(
+        g: &DwGeometry,
+        planes: [&[f32]; 4],
+        cs: [&DwFloatChannel; 4],
+        scratch: &mut DwScratch,
+        mut outs: [&mut [f32]; 4],
+    ) {
+        let mut layout = None;
+        for (k, plane) in planes.into_iter().enumerate() {
+            layout = Some(fill_phases(g, DwSource::Floats(plane), scratch, k, 4));
+        }
+        let layout = layout.expect("four planes");
+        let row_step = checked_row_step(g, &layout, scratch);
+        // The second register of a step: the next output row, or the next 8 columns.
+        let narrow = g.ow <= 8;
+        let (second, rows) = if narrow { (row_step, 2) } else { (8, 1) };
+        let taps = &scratch.taps[..];
+        assert!(cs.iter().all(|c| c.weights.len() >= taps.len()), "weights");
+        // Raw pointers, hoisted: indexing four slices per tap kept the loop's addresses on
+        // the stack.
+        let weights = cs.map(|c| c.weights.as_ptr());
+        let planes: [*const f32; 4] =
+            std::array::from_fn(|k| scratch.phases.as_ptr().wrapping_add(k * layout.plane));
+        let mut tile = [0f32; DW_BLOCK];
+        for oy0 in (0..g.oh).step_by(rows) {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let row = oy0 * row_step;
+            for (t, &tap) in taps.iter().enumerate() {
+                for k in 0..4 {
+                    // SAFETY: `t` < taps <= weights' length, asserted above. The reads stay
+                    // inside copy k: `checked_row_step` bounds every row of DW_ROWS-row blocks
+                    // and DW_BLOCK columns by the plane, and these cover at most 2 rows of 8 or
+                    // 1 row of 16 from an output row below oh.
+                    let (w, v0, v1) = unsafe {
+                        let p = planes[k].add(row + tap);
+                        (
+                            _mm256_broadcast_ss(&*weights[k].add(t)),
+                            _mm256_loadu_ps(p),
+                            _mm256_loadu_ps(p.add(second)),
+                        )
+                    };
+                    acc[2 * k] = _mm256_fmadd_ps(v0, w, acc[2 * k]);
+                    acc[2 * k + 1] = _mm256_fmadd_ps(v1, w, acc[2 * k + 1]);
+                }
+            }
+            for (k, out) in outs.iter_mut().enumerate() {
+                let bias = _mm256_set1_ps(cs[k].bias);
+                let a0 = activate(_mm256_add_ps(acc[2 * k], bias), cs[k].act);
+                let a1 = activate(_mm256_add_ps(acc[2 * k + 1], bias), cs[k].act);
+                // SAFETY: `tile` holds 16 values.
+                unsafe {
+                    _mm256_storeu_ps(tile.as_mut_ptr(), a0);
+                    _mm256_storeu_ps(tile.as_mut_ptr().add(8), a1);
+                }
+                if narrow {
+                    for r in 0..rows.min(g.oh - oy0) {
+                        out[(oy0 + r) * g.ow..][..g.ow].copy_from_slice(&tile[8 * r..][..g.ow]);
+                    }
+                } else {
+                    out[oy0 * g.ow..][..g.ow].copy_from_slice(&tile[..g.ow]);
                 }
             }
         }
@@ -1354,6 +1428,44 @@ pub(crate) fn depthwise_f32(
     depthwise_f32_portable(g, plane, c, scratch, out)
 }
 
+/// Whether [`depthwise_f32_quad`] runs planes of this geometry: output rows of at most one
+/// block, where [`depthwise_f32`] would fill its 4 × 16 block with few outputs.
+pub(crate) fn quad_fits(g: &DwGeometry) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2() {
+        return g.ow <= DW_BLOCK;
+    }
+    let _ = g;
+    false
+}
+
+/// [`depthwise_f32`] on four planes of one geometry at once; `quad_fits(g)` must hold.
+pub(crate) fn depthwise_f32_quad(
+    g: &DwGeometry,
+    planes: [&[f32]; 4],
+    cs: [&DwFloatChannel; 4],
+    scratch: &mut DwScratch,
+    outs: [&mut [f32]; 4],
+) {
+    assert!(quad_fits(g), "depthwise_f32_quad on {g:?}");
+    for (plane, out) in planes.iter().zip(&outs) {
+        assert!(
+            plane.len() >= g.h * g.w && out.len() >= g.oh * g.ow,
+            "plane sizes"
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2 and FMA were detected on this CPU (`quad_fits`); g.ow <= DW_BLOCK.
+    unsafe {
+        avx2::depthwise_f32_quad(g, planes, cs, scratch, outs)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (cs, scratch);
+        unreachable!("quad_fits is false off x86_64");
+    }
+}
+
 /// The step between two output rows in the phase buffer, once the buffer is known to hold
 /// every load of the block kernels: row0 + r·step + tap + ox + [0, DW_BLOCK) for the rows and
 /// blocks of `g`, padding rows included. Checked once per plane, not per load.
@@ -1364,7 +1476,7 @@ fn checked_row_step(g: &DwGeometry, layout: &Phases, scratch: &DwScratch) -> usi
     let rows_done = g.oh.div_ceil(DW_ROWS) * DW_ROWS;
     let last = (rows_done - 1) * row_step + max_tap + layout.blocks * DW_BLOCK;
     assert!(
-        g.oh == 0 || last <= scratch.phases.len(),
+        g.oh == 0 || (last <= layout.plane && layout.copies * layout.plane <= scratch.phases.len()),
         "depthwise layout"
     );
     row_step
@@ -1375,15 +1487,19 @@ fn checked_row_step(g: &DwGeometry, layout: &Phases, scratch: &DwScratch) -> usi
 struct Phases {
     /// Values per phase row.
     width: usize,
+    /// Planes laid out side by side ([`depthwise_f32_quad`] fills four), each `plane` long.
+    copies: usize,
+    plane: usize,
     /// Output blocks of [`DW_BLOCK`] per row.
     blocks: usize,
     /// Rows per phase, padding included.
     ph_alloc: usize,
 }
 
-/// Sizes and zeroes the phase buffer for `g` and computes the tap offsets.
+/// Sizes and zeroes the phase buffer for `g` (`copies` planes of it) and computes the tap
+/// offsets.
 #[cold]
-fn lay_out(g: &DwGeometry, scratch: &mut DwScratch) -> Phases {
+fn lay_out(g: &DwGeometry, copies: usize, scratch: &mut DwScratch) -> Phases {
     let (_, sx) = g.stride;
     let (pt, pl, pb, pr) = g.pad;
     let ph = g.h + pt + pb;
@@ -1394,8 +1510,9 @@ fn lay_out(g: &DwGeometry, scratch: &mut DwScratch) -> Phases {
     let width = pw.div_ceil(sx).max(blocks * DW_BLOCK + (g.kw - 1) / sx);
     // Likewise DW_ROWS output rows are computed together: rows past the last are padding.
     let ph_alloc = ph + (DW_ROWS - 1) * g.stride.0;
+    let plane = sx * ph_alloc * width;
     scratch.phases.clear();
-    scratch.phases.resize(sx * ph_alloc * width, 0.0);
+    scratch.phases.resize(copies * plane, 0.0);
     scratch.taps.clear();
     for ky in 0..g.kh {
         for kx in 0..g.kw {
@@ -1406,6 +1523,8 @@ fn lay_out(g: &DwGeometry, scratch: &mut DwScratch) -> Phases {
     }
     let layout = Phases {
         width,
+        copies,
+        plane,
         blocks,
         ph_alloc,
     };
@@ -1419,30 +1538,39 @@ fn lay_out(g: &DwGeometry, scratch: &mut DwScratch) -> Phases {
 /// The layout depends on the geometry only, so the planes of one layer (and of later layers
 /// of the same geometry) reuse it: the buffer is zeroed and the taps computed once, and each
 /// plane then writes the same interior cells, leaving the padding zero.
+///
+/// `copy` picks which of the `copies` side-by-side planes the values go to.
 #[inline(always)]
-fn fill_phases(g: &DwGeometry, x: DwSource, scratch: &mut DwScratch) -> Phases {
+fn fill_phases(
+    g: &DwGeometry,
+    x: DwSource,
+    scratch: &mut DwScratch,
+    copy: usize,
+    copies: usize,
+) -> Phases {
     let (_, sx) = g.stride;
     let (pt, pl, _, _) = g.pad;
     let layout = match scratch.laid_out {
-        Some((seen, layout)) if seen == *g => layout,
-        _ => lay_out(g, scratch),
+        Some((seen, layout)) if seen == *g && layout.copies >= copies => layout,
+        _ => lay_out(g, copies, scratch),
     };
     let Phases {
         width, ph_alloc, ..
     } = layout;
+    let base = copy * layout.plane;
     for y in 0..g.h {
         let py = y + pt;
         let row: &[f32] = match x {
             DwSource::Floats(plane) => {
                 let src = &plane[y * g.w..][..g.w];
                 if sx == 1 {
-                    scratch.phases[py * width + pl..][..g.w].copy_from_slice(src);
+                    scratch.phases[base + py * width + pl..][..g.w].copy_from_slice(src);
                     continue;
                 }
                 #[cfg(target_arch = "x86_64")]
                 if sx == 2 && simd::avx2() {
-                    let even = ((pl % 2) * ph_alloc + py) * width + pl / 2;
-                    let odd = ((1 - pl % 2) * ph_alloc + py) * width + pl.div_ceil(2);
+                    let even = base + ((pl % 2) * ph_alloc + py) * width + pl / 2;
+                    let odd = base + ((1 - pl % 2) * ph_alloc + py) * width + pl.div_ceil(2);
                     // SAFETY: AVX2 was detected on this CPU.
                     unsafe { avx2::split2_f32(src, &mut scratch.phases, even, odd) };
                     continue;
@@ -1452,7 +1580,7 @@ fn fill_phases(g: &DwGeometry, x: DwSource, scratch: &mut DwScratch) -> Phases {
             DwSource::Bytes(x) => {
                 let (src, flip, x0) = (&x.plane[y * g.w..][..g.w], x.flip, x.x0 as f32);
                 if sx == 1 {
-                    let dst = &mut scratch.phases[py * width + pl..][..g.w];
+                    let dst = &mut scratch.phases[base + py * width + pl..][..g.w];
                     for (d, &b) in dst.iter_mut().zip(src) {
                         *d = (b ^ flip) as f32 - x0;
                     }
@@ -1462,8 +1590,8 @@ fn fill_phases(g: &DwGeometry, x: DwSource, scratch: &mut DwScratch) -> Phases {
                 if sx == 2 && simd::avx2() {
                     // Column x lands at (x + pl) / 2 in phase (x + pl) % 2: evens in one, odds
                     // in the other.
-                    let even = ((pl % 2) * ph_alloc + py) * width + pl / 2;
-                    let odd = ((1 - pl % 2) * ph_alloc + py) * width + pl.div_ceil(2);
+                    let even = base + ((pl % 2) * ph_alloc + py) * width + pl / 2;
+                    let odd = base + ((1 - pl % 2) * ph_alloc + py) * width + pl.div_ceil(2);
                     // SAFETY: AVX2 was detected on this CPU.
                     unsafe { avx2::split2(src, flip, x0, &mut scratch.phases, even, odd) };
                     continue;
@@ -1481,7 +1609,7 @@ fn fill_phases(g: &DwGeometry, x: DwSource, scratch: &mut DwScratch) -> Phases {
         for phase in 0..sx {
             let first = (phase + sx - pl % sx) % sx;
             let col0 = (first + pl) / sx;
-            let dst = &mut scratch.phases[(phase * ph_alloc + py) * width + col0..];
+            let dst = &mut scratch.phases[base + (phase * ph_alloc + py) * width + col0..];
             for (d, &v) in dst.iter_mut().zip(row.iter().skip(first).step_by(sx)) {
                 *d = v;
             }
@@ -1565,7 +1693,7 @@ fn each_block<T>(
     out: &mut [T],
     store: impl Fn(&mut [T], &[f32]),
 ) {
-    let layout = fill_phases(g, src, scratch);
+    let layout = fill_phases(g, src, scratch, 0, 1);
     let (phases, taps) = (&scratch.phases[..], &scratch.taps[..]);
     for oy in 0..g.oh {
         let dst = &mut out[oy * g.ow..][..g.ow];
@@ -1781,32 +1909,49 @@ mod tests {
 
     /// The f32 kernel, both paths, against the definition summed in f64, on random geometries
     /// (1-D kernels, strides 1–3, any padding, widths around the block size).
-    #[test]
-    fn f32_depthwise_matches_the_definition_on_random_shapes() {
-        let mut rng = Lcg(13);
-        let mut scratch = DwScratch::default();
-        let value = |rng: &mut Lcg| (rng.next() as f32 / u32::MAX as f32 - 0.5) * 4.0;
-        for case in 0..300 {
-            let k = [1, 3, 5, 7][rng.below(4)];
-            let (kh, kw) = (k, if case % 5 == 0 { 1 + rng.below(5) } else { k });
-            let stride = (1 + rng.below(3), 1 + rng.below(3));
-            let pad = (rng.below(kh), rng.below(kw), rng.below(kh), rng.below(kw));
-            let h = kh.saturating_sub(pad.0 + pad.2).max(1) + rng.below(20);
-            let w = kw.saturating_sub(pad.1 + pad.3).max(1) + rng.below(40);
-            let g = DwGeometry {
-                h,
-                w,
-                kh,
-                kw,
-                stride,
-                pad,
-                oh: (h + pad.0 + pad.2 - kh) / stride.0 + 1,
-                ow: (w + pad.1 + pad.3 - kw) / stride.1 + 1,
-            };
-            let plane: Vec<f32> = (0..h * w).map(|_| value(&mut rng)).collect();
-            let weights: Vec<f32> = (0..kh * kw).map(|_| value(&mut rng)).collect();
-            let bias = value(&mut rng);
-            // Each activation on a quarter of the cases, with bounds inside the sums' range.
+    /// A random depthwise geometry, up to `extra_w` columns wider than its kernel.
+    fn random_geometry(rng: &mut Lcg, case: usize, extra_w: usize) -> DwGeometry {
+        let k = [1, 3, 5, 7][rng.below(4)];
+        // One case in five has a kernel of another width.
+        let kw = if case.is_multiple_of(5) {
+            1 + rng.below(5)
+        } else {
+            k
+        };
+        let (kh, kw) = (k, kw);
+        let stride = (1 + rng.below(3), 1 + rng.below(3));
+        let pad = (rng.below(kh), rng.below(kw), rng.below(kh), rng.below(kw));
+        let h = kh.saturating_sub(pad.0 + pad.2).max(1) + rng.below(20);
+        let w = kw.saturating_sub(pad.1 + pad.3).max(1) + rng.below(extra_w);
+        DwGeometry {
+            h,
+            w,
+            kh,
+            kw,
+            stride,
+            pad,
+            oh: (h + pad.0 + pad.2 - kh) / stride.0 + 1,
+            ow: (w + pad.1 + pad.3 - kw) / stride.1 + 1,
+        }
+    }
+
+    /// One random f32 channel of `g`: its plane, weights, bias and activation (each
+    /// activation on a quarter of the cases, bounds inside the sums' range), and the outputs
+    /// by the definition, in f64.
+    struct FloatCase {
+        plane: Vec<f32>,
+        weights: Vec<f32>,
+        bias: f32,
+        act: FloatAct,
+        expected: Vec<f64>,
+    }
+
+    impl FloatCase {
+        fn random(rng: &mut Lcg, case: usize, g: &DwGeometry) -> FloatCase {
+            let value = |rng: &mut Lcg| (rng.next() as f32 / u32::MAX as f32 - 0.5) * 4.0;
+            let plane: Vec<f32> = (0..g.h * g.w).map(|_| value(rng)).collect();
+            let weights: Vec<f32> = (0..g.kh * g.kw).map(|_| value(rng)).collect();
+            let bias = value(rng);
             let act = match case % 4 {
                 0 => FloatAct::None,
                 1 => FloatAct::Clamp {
@@ -1814,8 +1959,8 @@ mod tests {
                     hi: f32::INFINITY,
                 },
                 2 => FloatAct::Clamp {
-                    lo: -value(&mut rng).abs(),
-                    hi: value(&mut rng).abs(),
+                    lo: -value(rng).abs(),
+                    hi: value(rng).abs(),
                 },
                 _ => FloatAct::HardSwish,
             };
@@ -1823,44 +1968,113 @@ mod tests {
             for (at, e) in expected.iter_mut().enumerate() {
                 let (oy, ox) = (at / g.ow, at % g.ow);
                 *e = bias as f64;
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        let iy = (oy * stride.0 + ky) as isize - pad.0 as isize;
-                        let ix = (ox * stride.1 + kx) as isize - pad.1 as isize;
-                        if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
-                            let v = plane[iy as usize * w + ix as usize] as f64;
-                            *e += v * weights[ky * kw + kx] as f64;
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        let iy = (oy * g.stride.0 + ky) as isize - g.pad.0 as isize;
+                        let ix = (ox * g.stride.1 + kx) as isize - g.pad.1 as isize;
+                        if (0..g.h as isize).contains(&iy) && (0..g.w as isize).contains(&ix) {
+                            let v = plane[iy as usize * g.w + ix as usize] as f64;
+                            *e += v * weights[ky * g.kw + kx] as f64;
                         }
                     }
                 }
-            }
-            for e in expected.iter_mut() {
                 *e = match act {
                     FloatAct::None => *e,
                     FloatAct::Clamp { lo, hi } => e.max(lo as f64).min(hi as f64),
                     FloatAct::HardSwish => *e * (*e + 3.0).clamp(0.0, 6.0) / 6.0,
                 };
             }
-            let c = DwFloatChannel {
-                weights: &weights,
+            FloatCase {
+                plane,
+                weights,
                 bias,
                 act,
-            };
+                expected,
+            }
+        }
+
+        fn channel(&self) -> DwFloatChannel<'_> {
+            DwFloatChannel {
+                weights: &self.weights,
+                bias: self.bias,
+                act: self.act,
+            }
+        }
+
+        fn check(&self, got: &[f32], what: &str) {
+            for (i, (a, e)) in got.iter().zip(&self.expected).enumerate() {
+                assert!(
+                    (*a as f64 - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "{what}, output {i}: {a} vs {e}, {:?}",
+                    self.act
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f32_depthwise_matches_the_definition_on_random_shapes() {
+        let mut rng = Lcg(13);
+        let mut scratch = DwScratch::default();
+        for case in 0..300 {
+            let g = random_geometry(&mut rng, case, 40);
+            let c = FloatCase::random(&mut rng, case, &g);
             let mut got = vec![f32::NAN; g.oh * g.ow];
             for path in ["portable", "dispatched"] {
                 got.fill(f32::NAN);
                 if path == "portable" {
-                    depthwise_f32_portable(&g, &plane, &c, &mut scratch, &mut got);
+                    depthwise_f32_portable(&g, &c.plane, &c.channel(), &mut scratch, &mut got);
                 } else {
-                    depthwise_f32(&g, &plane, &c, &mut scratch, &mut got);
+                    depthwise_f32(&g, &c.plane, &c.channel(), &mut scratch, &mut got);
                 }
-                for (i, (a, e)) in got.iter().zip(&expected).enumerate() {
-                    assert!(
-                        (*a as f64 - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                        "{path}, case {case}, output {i}: {a} vs {e}; {g:?}, {act:?}"
-                    );
-                }
+                c.check(&got, &format!("{path}, case {case}, {g:?}"));
             }
+        }
+    }
+
+    /// Four narrow planes at once, each with its own weights, bias and activation, as each
+    /// alone; the single-plane kernel run between two quads (sharing the scratch) too.
+    #[test]
+    fn f32_depthwise_on_four_planes_matches_the_definition() {
+        let mut rng = Lcg(19);
+        let mut scratch = DwScratch::default();
+        let mut ran = 0;
+        for case in 0..300 {
+            let g = random_geometry(&mut rng, case, 18);
+            if !quad_fits(&g) {
+                continue;
+            }
+            let cases: Vec<FloatCase> = (0..4)
+                .map(|k| FloatCase::random(&mut rng, case + k, &g))
+                .collect();
+            let mut got = vec![vec![f32::NAN; g.oh * g.ow]; 4];
+            let [o0, o1, o2, o3] = &mut got[..] else {
+                unreachable!()
+            };
+            let cs: Vec<DwFloatChannel> = cases.iter().map(|c| c.channel()).collect();
+            depthwise_f32_quad(
+                &g,
+                [
+                    &cases[0].plane,
+                    &cases[1].plane,
+                    &cases[2].plane,
+                    &cases[3].plane,
+                ],
+                [&cs[0], &cs[1], &cs[2], &cs[3]],
+                &mut scratch,
+                [o0, o1, o2, o3],
+            );
+            for (k, (c, got)) in cases.iter().zip(&got).enumerate() {
+                c.check(got, &format!("case {case}, plane {k}, {g:?}"));
+            }
+            let mut one = vec![f32::NAN; g.oh * g.ow];
+            depthwise_f32(&g, &cases[2].plane, &cs[2], &mut scratch, &mut one);
+            cases[2].check(&one, &format!("case {case}, alone after the quad, {g:?}"));
+            ran += 1;
+        }
+        // Without AVX2 there is no quad path to test.
+        if quad_fits(&random_geometry(&mut rng, 1, 1)) {
+            assert!(ran > 100, "{ran} quad cases");
         }
     }
 
