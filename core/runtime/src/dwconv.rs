@@ -116,6 +116,15 @@ impl DwConv {
         })
     }
 
+    /// The kernel and the activation it applies, as `tern inspect` shows them.
+    pub(crate) fn describe(&self) -> String {
+        match self.act {
+            FloatAct::None => KERNEL.into(),
+            FloatAct::Clamp { lo, hi } => format!("{KERNEL}, then clamped to [{lo}, {hi}]"),
+            FloatAct::HardSwish => format!("{KERNEL}, then h-swish"),
+        }
+    }
+
     fn run(&self, x: &Tensor) -> TractResult<Tensor> {
         let (n, c, h, w) = match (self.pool_spec.data_format, x.shape()) {
             (DataFormat::NCHW, &[n, c, h, w]) => (n, c, h, w),
@@ -233,13 +242,9 @@ impl Op for DwConv {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let act = match self.act {
-            FloatAct::None => String::new(),
-            FloatAct::Clamp { lo, hi } => format!(", then clamped to [{lo}, {hi}]"),
-            FloatAct::HardSwish => ", then h-swish".into(),
-        };
         Ok(vec![format!(
-            "{KERNEL}, {} channels{act}",
+            "{}, {} channels",
+            self.describe(),
             self.pool_spec.input_channels
         )])
     }

@@ -1348,9 +1348,7 @@ impl Survey {
             };
             let kernel = match node.op_as::<crate::int8::QConv>() {
                 Some(q) => Some(q.kernel().describe().to_string()),
-                None => node
-                    .op_is::<crate::dwconv::DwConv>()
-                    .then(|| crate::dwconv::KERNEL.to_string()),
+                None => node.op_as::<crate::dwconv::DwConv>().map(|d| d.describe()),
             };
             survey
                 .heavy
