@@ -286,15 +286,7 @@ pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
             Ok(mut op) => {
                 let (act, absorbed) = activation_after(model, id);
                 op.act = act;
-                let mut patch = TypedModelPatch::default();
-                let x = patch.tap_model(model, node.inputs[0])?;
-                let y = patch.wire_node(&node.name, op, &[x])?[0];
-                let last = absorbed.last().copied().unwrap_or(id);
-                patch.shunt_outside(model, last.into(), y)?;
-                for dead in std::iter::once(id).chain(absorbed) {
-                    patch.obliterate(dead)?;
-                }
-                patch.apply(model)?;
+                replace_run(model, id, &absorbed, op)?;
                 fused += 1;
             }
             Err(why) => log::trace!("{}: stays with tract's conv ({why})", node.name),
@@ -305,6 +297,27 @@ pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
         model.compact()?;
     }
     Ok(fused)
+}
+
+/// Replaces node `id` and the run of nodes after it that `absorbed` lists (each the sole
+/// reader of the one before) by `op`, reading `id`'s first input: what the last one fed, `op`
+/// now feeds. Leaves the constants only they read for `compact`.
+pub(crate) fn replace_run(
+    model: &mut TypedModel,
+    id: usize,
+    absorbed: &[usize],
+    op: impl Into<Box<dyn TypedOp>>,
+) -> TractResult<()> {
+    let node = model.node(id);
+    let mut patch = TypedModelPatch::default();
+    let x = patch.tap_model(model, node.inputs[0])?;
+    let y = patch.wire_node(&node.name, op, &[x])?[0];
+    let last = absorbed.last().copied().unwrap_or(id);
+    patch.shunt_outside(model, last.into(), y)?;
+    for &dead in std::iter::once(&id).chain(absorbed) {
+        patch.obliterate(dead)?;
+    }
+    patch.apply(model)
 }
 
 /// The activation the node `id` feeds, and the nodes it takes: an h-swish, or a run of `Max`

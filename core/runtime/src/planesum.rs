@@ -12,7 +12,7 @@ use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::math::Mul;
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
 
-use crate::dwconv::other_scalar;
+use crate::dwconv::{other_scalar, replace_run};
 
 /// The sum of every run of the axes from `from` on, times `scale`: those axes become 1.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,19 +130,11 @@ pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
         if axes != (from..rank).collect::<Vec<_>>() {
             continue;
         }
-        let (scale, last) = match scale_after(model, id) {
-            Some((scale, mul)) => (scale, mul),
-            None => (1.0, id),
+        let (scale, absorbed) = match scale_after(model, id) {
+            Some((scale, mul)) => (scale, vec![mul]),
+            None => (1.0, vec![]),
         };
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, node.inputs[0])?;
-        let y = patch.wire_node(&node.name, PlaneSum { from, scale }, &[x])?[0];
-        patch.shunt_outside(model, last.into(), y)?;
-        patch.obliterate(id)?;
-        if last != id {
-            patch.obliterate(last)?;
-        }
-        patch.apply(model)?;
+        replace_run(model, id, &absorbed, PlaneSum { from, scale })?;
         fused += 1;
     }
     if fused > 0 {
