@@ -118,11 +118,7 @@ impl DwConv {
 
     /// The kernel and the activation it applies, as `tern inspect` shows them.
     pub(crate) fn describe(&self) -> String {
-        match self.act {
-            FloatAct::None => KERNEL.into(),
-            FloatAct::Clamp { lo, hi } => format!("{KERNEL}, then clamped to [{lo}, {hi}]"),
-            FloatAct::HardSwish => format!("{KERNEL}, then h-swish"),
-        }
+        with_activation(KERNEL, self.act)
     }
 
     fn run(&self, x: &Tensor) -> TractResult<Tensor> {
@@ -270,6 +266,15 @@ impl TypedOp for DwConv {
     }
 }
 
+/// `kernel`, then the activation it applies, as `tern inspect` shows them.
+pub(crate) fn with_activation(kernel: &str, act: FloatAct) -> String {
+    match act {
+        FloatAct::None => kernel.into(),
+        FloatAct::Clamp { lo, hi } => format!("{kernel}, then clamped to [{lo}, {hi}]"),
+        FloatAct::HardSwish => format!("{kernel}, then h-swish"),
+    }
+}
+
 /// Replaces every float depthwise convolution the kernel covers; returns how many.
 pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
     let candidates: Vec<usize> = model
@@ -286,7 +291,7 @@ pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
             Ok(mut op) => {
                 let (act, absorbed) = activation_after(model, id);
                 op.act = act;
-                replace_run(model, id, &absorbed, op)?;
+                replace_run(model, id, 0, &absorbed, op)?;
                 fused += 1;
             }
             Err(why) => log::trace!("{}: stays with tract's conv ({why})", node.name),
@@ -300,17 +305,18 @@ pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
 }
 
 /// Replaces node `id` and the run of nodes after it that `absorbed` lists (each the sole
-/// reader of the one before) by `op`, reading `id`'s first input: what the last one fed, `op`
+/// reader of the one before) by `op`, reading `id`'s input `input`: what the last one fed, `op`
 /// now feeds. Leaves the constants only they read for `compact`.
 pub(crate) fn replace_run(
     model: &mut TypedModel,
     id: usize,
+    input: usize,
     absorbed: &[usize],
     op: impl Into<Box<dyn TypedOp>>,
 ) -> TractResult<()> {
     let node = model.node(id);
     let mut patch = TypedModelPatch::default();
-    let x = patch.tap_model(model, node.inputs[0])?;
+    let x = patch.tap_model(model, node.inputs[input])?;
     let y = patch.wire_node(&node.name, op, &[x])?[0];
     let last = absorbed.last().copied().unwrap_or(id);
     patch.shunt_outside(model, last.into(), y)?;
@@ -324,7 +330,7 @@ pub(crate) fn replace_run(
 /// and `Min` against one constant each (ReLU is `Max(x, 0)` once tract has decluttered it,
 /// ReLU6 `Min(Max(x, 0), 6)`). Each node taken must be the sole reader of the one before and
 /// keep its shape; an output of the model is not taken past.
-fn activation_after(model: &TypedModel, id: usize) -> (FloatAct, Vec<usize>) {
+pub(crate) fn activation_after(model: &TypedModel, id: usize) -> (FloatAct, Vec<usize>) {
     let mut act = FloatAct::None;
     let mut absorbed = vec![];
     let mut at = id;

@@ -23,6 +23,7 @@ mod int8;
 mod model;
 mod planesum;
 mod prepare;
+mod pwconv;
 mod run;
 
 pub use batch::{

@@ -134,7 +134,7 @@ pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
             Some((scale, mul)) => (scale, vec![mul]),
             None => (1.0, vec![]),
         };
-        replace_run(model, id, &absorbed, PlaneSum { from, scale })?;
+        replace_run(model, id, 0, &absorbed, PlaneSum { from, scale })?;
         fused += 1;
     }
     if fused > 0 {

@@ -233,9 +233,11 @@ fn mobilenets_prepared_in_parts_match_onnxruntime_in_both_plan_kinds() {
 }
 
 /// The float MobileNet's 11 depthwise convolutions (group = channels) run on Tern's f32 kernel
-/// in both plan kinds, and without it on tract's; every way gives onnxruntime's answers. With
-/// tract's axis rewrites (the default) tract may move channels last, where the kernel does not
-/// apply: it does on aarch64 for 8 of them, not on x86_64.
+/// in both plan kinds, and without it on tract's; so do its 22 pointwise convolutions over 8
+/// pixels or more where the pointwise kernel has a vector path (x86-64 with AVX2). Every way
+/// gives onnxruntime's answers. With tract's axis rewrites (the default) tract may move
+/// channels last, where the depthwise kernel does not apply: it does on aarch64 for 8 of them,
+/// not on x86_64.
 #[test]
 fn float_mobilenet_runs_its_depthwise_convolutions_on_terns_kernel() {
     use tern_core::{PlanMode, TensorView};
@@ -243,6 +245,14 @@ fn float_mobilenet_runs_its_depthwise_convolutions_on_terns_kernel() {
     let x = floats(&input);
     let expected = floats(&npy::read_file(mobilenet("fp32.out.npy")).unwrap());
     let with_axis_rewrites = cfg!(target_arch = "x86_64").then_some(11);
+    #[cfg(target_arch = "x86_64")]
+    let pointwise = if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        22
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let pointwise = 0;
     for (plans, axis_rewrites, float_kernels, on_kernel) in [
         (PlanMode::Concrete, false, true, Some(11)),
         (PlanMode::Symbolic, false, true, Some(11)),
@@ -257,16 +267,21 @@ fn float_mobilenet_runs_its_depthwise_convolutions_on_terns_kernel() {
         };
         let case = format!("{plans:?}, axis rewrites {axis_rewrites}, kernels {float_kernels}");
         let model = Model::load(mobilenet("fp32.onnx"), &options).unwrap();
-        let notes: Vec<String> = model
-            .inspection()
-            .heavy
-            .iter()
-            .filter_map(|h| h.note.clone())
-            .filter(|n| n.starts_with("on the Tern f32 depthwise kernel"))
-            .collect();
+        let notes_on = |kernel: &str| -> Vec<String> {
+            model
+                .inspection()
+                .heavy
+                .iter()
+                .filter_map(|h| h.note.clone())
+                .filter(|n| n.starts_with(&format!("on the Tern f32 {kernel} kernel")))
+                .collect()
+        };
+        let notes = notes_on("depthwise");
         if let Some(n) = on_kernel {
             assert_eq!(notes.len(), n, "{case}");
         }
+        let want = if float_kernels { pointwise } else { 0 };
+        assert_eq!(notes_on("pointwise").len(), want, "{case}");
         // Each of this network's depthwise convolutions feeds a ReLU or an h-swish, which the
         // kernel applies as it stores.
         for note in &notes {

@@ -770,7 +770,7 @@ mod neon {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
@@ -1264,7 +1264,7 @@ mod avx2 {
     /// is NaN: the bound is kept, as the scalar path does.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn activate(v: __m256, act: FloatAct) -> __m256 {
+    pub(crate) fn activate(v: __m256, act: FloatAct) -> __m256 {
         match act {
             FloatAct::None => v,
             FloatAct::Clamp { lo, hi } => {

@@ -494,6 +494,9 @@ fn finish(typed: &mut TypedModel, compile: &Compile) -> Result<()> {
         let sums = crate::planesum::fuse(typed)
             .map_err(|e| Error::Prepare(format!("placing plane sums: {}", chain(&e))))?;
         log::debug!("{sums} f32 sums over trailing axes on Tern's loop");
+        let products = crate::pwconv::fuse(typed)
+            .map_err(|e| Error::Prepare(format!("placing pointwise kernels: {}", chain(&e))))?;
+        log::debug!("{products} f32 1×1 convolutions on Tern's kernel");
     }
     trace_graph("decluttered", typed);
     if compile.precision == Precision::F16 {
@@ -1294,7 +1297,7 @@ fn model_info(io: &Interface, batch: Option<&str>, max_batch: Option<usize>) -> 
 pub(crate) fn heavy_kind(name: &str) -> Option<&'static str> {
     match name {
         // Typed ops, then the imported ones they come from.
-        "Conv" | "TernQConv" | "TernDwConv" | "ConvHir" => Some("Conv"),
+        "Conv" | "TernQConv" | "TernDwConv" | "TernPwConv" | "ConvHir" => Some("Conv"),
         "EinSum" | "MatMul" | "MatMatMul" | "OptMatMul" => Some("MatMul"),
         "MatMulInference" | "Gemm" | "QLinearMatMul" | "MatMulInteger" => Some("MatMul"),
         _ => None,
@@ -1348,7 +1351,10 @@ impl Survey {
             };
             let kernel = match node.op_as::<crate::int8::QConv>() {
                 Some(q) => Some(q.kernel().describe().to_string()),
-                None => node.op_as::<crate::dwconv::DwConv>().map(|d| d.describe()),
+                None => node
+                    .op_as::<crate::dwconv::DwConv>()
+                    .map(|d| d.describe())
+                    .or_else(|| node.op_as::<crate::pwconv::PwConv>().map(|p| p.describe())),
             };
             survey
                 .heavy
