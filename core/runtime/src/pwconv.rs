@@ -20,7 +20,7 @@ use tract_onnx::tract_core::ops::math::Add;
 
 use crate::dwconv::{activation_after, replace_run, with_activation};
 use crate::int8::kernels::FloatAct;
-use kernel::PwWeights;
+use kernel::{Isa, PwWeights};
 
 /// What the inspection says runs a convolution replaced here.
 pub(crate) const KERNEL: &str = "Tern f32 pointwise kernel";
@@ -339,7 +339,7 @@ pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
         };
         let (act, more) = activation_after(model, absorbed.last().copied().unwrap_or(id));
         absorbed.extend(more);
-        let weights = PwWeights::pack(p.o, p.k, &p.weights, p.transposed, &bias);
+        let weights = PwWeights::pack(Isa::detect(), p.o, p.k, &p.weights, p.transposed, &bias);
         let op = PwConv {
             weights: Arc::new(weights),
             act,
@@ -548,7 +548,14 @@ mod tests {
     #[test]
     fn wrong_channel_counts_are_an_error_and_empty_batches_empty() -> TractResult<()> {
         let op = PwConv {
-            weights: Arc::new(PwWeights::pack(2, 3, &[1.0; 6], false, &[0.0; 2])),
+            weights: Arc::new(PwWeights::pack(
+                Isa::detect(),
+                2,
+                3,
+                &[1.0; 6],
+                false,
+                &[0.0; 2],
+            )),
             act: FloatAct::None,
             axis: 1,
             out: tvec![OutAxis::Input(0), OutAxis::Fixed(2), OutAxis::Input(2)],

@@ -552,6 +552,12 @@ pub(crate) mod simd {
         })
     }
 
+    /// AVX-512 Foundation: 16 f32 lanes a register, 32 registers.
+    pub(crate) fn avx512() -> bool {
+        static AVX512: OnceLock<bool> = OnceLock::new();
+        *AVX512.get_or_init(|| avx2() && is_x86_feature_detected!("avx512f"))
+    }
+
     /// AVX-512 VBMI (`vpermi2b`): a 256-entry byte table looked up 64 bytes at a time.
     pub(crate) fn vbmi() -> bool {
         static VBMI: OnceLock<bool> = OnceLock::new();
