@@ -53,21 +53,6 @@ impl DwConv {
     /// The op for a float tract `Conv` node, or why it stays with tract.
     fn from_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Result<DwConv, String> {
         let spec = &conv.pool_spec;
-        if conv.q_params.is_some() {
-            return Err("quantized".into());
-        }
-        // tract's axis rewrites drop a batch axis of 1 (CHW).
-        let rank = match spec.data_format {
-            DataFormat::NCHW => 4,
-            DataFormat::CHW => 3,
-            other => return Err(format!("layout {other:?}")),
-        };
-        if conv.kernel_fmt != KernelFormat::OIHW {
-            return Err(format!("kernel layout {:?}", conv.kernel_fmt));
-        }
-        if spec.rank() != 2 {
-            return Err(format!("{}-D convolution", spec.rank()));
-        }
         if spec.dilations().iter().any(|d| *d != 1) {
             return Err("dilated".into());
         }
@@ -75,39 +60,14 @@ impl DwConv {
         if conv.group != channels || spec.output_channels != channels {
             return Err("not depthwise".into());
         }
-        let fact = |ix: usize| -> Result<&TypedFact, String> {
-            let outlet = node.inputs.get(ix).ok_or("missing input")?;
-            model.outlet_fact(*outlet).map_err(|e| e.to_string())
-        };
-        if fact(0)?.datum_type != DatumType::F32 || fact(0)?.rank() != rank {
-            return Err(format!("input is not a {rank}-D f32 tensor"));
-        }
-        let values = |ix: usize, what: &str| -> Result<Vec<f32>, String> {
-            let konst = fact(ix)?
-                .konst
-                .clone()
-                .ok_or_else(|| format!("{what} is not a constant"))?;
-            if konst.datum_type() != DatumType::F32 {
-                return Err(format!("{what} is {:?}", konst.datum_type()));
-            }
-            konst
-                .try_as_plain_ram()
-                .and_then(|v| v.as_slice::<f32>().map(|s| s.to_vec()))
-                .map_err(|e| e.to_string())
-        };
+        let (weights, bias) = float_conv_constants(model, node, conv)?;
         let (kh, kw) = (spec.kernel_shape[0], spec.kernel_shape[1]);
-        let weights = values(1, "the weight")?;
         if weights.len() != channels * kh * kw {
             return Err(format!(
                 "{} weights for {channels} channels of {kh}×{kw}",
                 weights.len()
             ));
         }
-        let bias = match values(2, "the bias")? {
-            b if b.len() == 1 => vec![b[0]; channels],
-            b if b.len() == channels => b,
-            b => return Err(format!("{} biases for {channels} channels", b.len())),
-        };
         Ok(DwConv {
             pool_spec: spec.clone(),
             weights: Arc::new(weights),
@@ -266,6 +226,58 @@ impl TypedOp for DwConv {
     }
 }
 
+/// The constants of a float 2-D OIHW convolution over NCHW (or CHW: tract's axis rewrites
+/// drop a batch axis of 1) f32 input: its weights as stored and one bias per output channel;
+/// or why it is not one.
+pub(crate) fn float_conv_constants(
+    model: &TypedModel,
+    node: &TypedNode,
+    conv: &Conv,
+) -> Result<(Vec<f32>, Vec<f32>), String> {
+    let spec = &conv.pool_spec;
+    if conv.q_params.is_some() {
+        return Err("quantized".into());
+    }
+    let rank = match spec.data_format {
+        DataFormat::NCHW => 4,
+        DataFormat::CHW => 3,
+        other => return Err(format!("layout {other:?}")),
+    };
+    if conv.kernel_fmt != KernelFormat::OIHW {
+        return Err(format!("kernel layout {:?}", conv.kernel_fmt));
+    }
+    if spec.rank() != 2 {
+        return Err(format!("{}-D convolution", spec.rank()));
+    }
+    let fact = |ix: usize| -> Result<&TypedFact, String> {
+        let outlet = node.inputs.get(ix).ok_or("missing input")?;
+        model.outlet_fact(*outlet).map_err(|e| e.to_string())
+    };
+    if fact(0)?.datum_type != DatumType::F32 || fact(0)?.rank() != rank {
+        return Err(format!("input is not a {rank}-D f32 tensor"));
+    }
+    let values = |ix: usize, what: &str| -> Result<Vec<f32>, String> {
+        let konst = fact(ix)?
+            .konst
+            .clone()
+            .ok_or_else(|| format!("{what} is not a constant"))?;
+        if konst.datum_type() != DatumType::F32 {
+            return Err(format!("{what} is {:?}", konst.datum_type()));
+        }
+        konst
+            .try_as_plain_ram()
+            .and_then(|v| v.as_slice::<f32>().map(|s| s.to_vec()))
+            .map_err(|e| e.to_string())
+    };
+    let o = spec.output_channels;
+    let bias = match values(2, "the bias")? {
+        b if b.len() == 1 => vec![b[0]; o],
+        b if b.len() == o => b,
+        b => return Err(format!("{} biases for {o} channels", b.len())),
+    };
+    Ok((values(1, "the weight")?, bias))
+}
+
 /// `kernel`, then the activation it applies, as `tern inspect` shows them.
 pub(crate) fn with_activation(kernel: &str, act: FloatAct) -> String {
     match act {
@@ -277,6 +289,17 @@ pub(crate) fn with_activation(kernel: &str, act: FloatAct) -> String {
 
 /// Replaces every float depthwise convolution the kernel covers; returns how many.
 pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
+    fuse_convs(model, |model, node, conv, act| {
+        DwConv::from_conv(model, node, conv).map(|op| DwConv { act, ..op })
+    })
+}
+
+/// Replaces every float `Conv` that `place` makes an op of, given the activation after it,
+/// with the nodes of that activation; returns how many.
+pub(crate) fn fuse_convs<O: TypedOp>(
+    model: &mut TypedModel,
+    place: impl Fn(&TypedModel, &TypedNode, &Conv, FloatAct) -> Result<O, String>,
+) -> TractResult<usize> {
     let candidates: Vec<usize> = model
         .nodes()
         .iter()
@@ -287,10 +310,9 @@ pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
     for id in candidates {
         let node = model.node(id);
         let conv = node.op_as::<Conv>().expect("filtered above");
-        match DwConv::from_conv(model, node, conv) {
-            Ok(mut op) => {
-                let (act, absorbed) = activation_after(model, id);
-                op.act = act;
+        let (act, absorbed) = activation_after(model, id);
+        match place(model, node, conv, act) {
+            Ok(op) => {
                 replace_run(model, id, 0, &absorbed, op)?;
                 fused += 1;
             }
@@ -409,7 +431,7 @@ pub(crate) fn other_scalar(model: &TypedModel, node: &TypedNode, from: OutletId)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     use crate::int8::Lcg;
@@ -496,21 +518,34 @@ mod tests {
             m.select_output_outlets(&y)?;
             let input: Vec<f32> = (0..n * c * h * w).map(|_| value(&mut rng)).collect();
             let input = Tensor::from_shape(&shape, &input)?;
-            let want = m
-                .clone()
-                .into_runnable()?
-                .run(tvec![input.clone().into()])?;
-            assert_eq!(fuse(&mut m)?, 1, "case {case}");
-            assert!(m.nodes().iter().any(|n| n.op_is::<DwConv>()));
-            let got = m.into_runnable()?.run(tvec![input.into()])?;
-            assert_eq!(got[0].shape(), want[0].shape(), "case {case}");
             // Sums of up to 25 products of values in [-1, 1], in another order (and with FMA):
             // a few ulps of the largest partial sum apart.
-            let got = got[0].try_as_plain_ram()?.as_slice::<f32>()?;
-            let want = want[0].try_as_plain_ram()?.as_slice::<f32>()?;
-            for (i, (g, w)) in got.iter().zip(want).enumerate() {
-                assert!((g - w).abs() <= 1e-5, "case {case}, output {i}: {g} vs {w}");
-            }
+            same_after(m, input, fuse, 1, 1e-5, &format!("case {case}"))?;
+        }
+        Ok(())
+    }
+
+    /// Runs the one-output graph `m` on `input` as tract plans it, then after `fuse` (which
+    /// must replace `replaced` nodes): the outputs agree within `tolerance`.
+    pub(crate) fn same_after(
+        mut m: TypedModel,
+        input: Tensor,
+        fuse: fn(&mut TypedModel) -> TractResult<usize>,
+        replaced: usize,
+        tolerance: f32,
+        case: &str,
+    ) -> TractResult<()> {
+        let want = m
+            .clone()
+            .into_runnable()?
+            .run(tvec![input.clone().into()])?;
+        assert_eq!(fuse(&mut m)?, replaced, "{case}");
+        let got = m.into_runnable()?.run(tvec![input.into()])?;
+        assert_eq!(got[0].shape(), want[0].shape(), "{case}");
+        let got = got[0].try_as_plain_ram()?.as_slice::<f32>()?;
+        let want = want[0].try_as_plain_ram()?.as_slice::<f32>()?;
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= tolerance, "{case}, output {i}: {g} vs {w}");
         }
         Ok(())
     }

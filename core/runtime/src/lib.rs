@@ -18,6 +18,7 @@
 mod batch;
 mod dwconv;
 mod error;
+mod im2col;
 mod inspect;
 mod int8;
 mod model;

@@ -9,7 +9,7 @@
 //! applies the activation as it stores. Placed only where the kernel has a vector path (x86-64
 //! with AVX2 and FMA); elsewhere tract's hand-written kernels stay the faster choice.
 
-mod kernel;
+pub(crate) mod kernel;
 
 use std::sync::Arc;
 

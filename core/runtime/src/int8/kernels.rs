@@ -1075,7 +1075,7 @@ pub(crate) mod avx2 {
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn split2_f32(src: &[f32], dst: &mut [f32], even: usize, odd: usize) {
+    pub(crate) unsafe fn split2_f32(src: &[f32], dst: &mut [f32], even: usize, odd: usize) {
         let (e, o) = phase_rows(src.len(), dst, even, odd);
         let chunks = src.len() / 16;
         for i in 0..chunks {
@@ -1266,15 +1266,15 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// [`FloatAct::apply`] on 8 values. Operand order follows `f32::max`/`min` where an input
-    /// is NaN: the bound is kept, as the scalar path does.
+    /// [`FloatAct::apply`] on 8 values. `maxps`/`minps` return their second operand where
+    /// either is NaN: with the value second, NaN goes through, as the scalar path does.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     pub(crate) fn activate(v: __m256, act: FloatAct) -> __m256 {
         match act {
             FloatAct::None => v,
             FloatAct::Clamp { lo, hi } => {
-                _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(lo)), _mm256_set1_ps(hi))
+                _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), v))
             }
             FloatAct::HardSwish => {
                 let r = _mm256_add_ps(v, _mm256_set1_ps(3.0));
@@ -1370,7 +1370,9 @@ pub(crate) struct DwFloatChannel<'a> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum FloatAct {
     None,
-    /// `min(max(x, lo), hi)`: ReLU, ReLU6 and the like.
+    /// `min(max(x, lo), hi)`: ReLU, ReLU6 and the like. NaN stays NaN, as tract's fused
+    /// activations leave it on x86 (its `Max` op alone follows `f32::max` and drops it): a
+    /// NaN input should not come out as a plausible number.
     Clamp {
         lo: f32,
         hi: f32,
@@ -1384,7 +1386,7 @@ impl FloatAct {
     pub(crate) fn apply(self, x: f32) -> f32 {
         match self {
             FloatAct::None => x,
-            // `f32::max`/`min`, as tract's Max and Min evaluate.
+            FloatAct::Clamp { .. } if x.is_nan() => x,
             FloatAct::Clamp { lo, hi } => x.max(lo).min(hi),
             FloatAct::HardSwish => x * (x + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0),
         }

@@ -497,6 +497,9 @@ fn finish(typed: &mut TypedModel, compile: &Compile) -> Result<()> {
         let products = crate::pwconv::fuse(typed)
             .map_err(|e| Error::Prepare(format!("placing pointwise kernels: {}", chain(&e))))?;
         log::debug!("{products} f32 1×1 convolutions on Tern's kernel");
+        let unrolled = crate::im2col::fuse(typed)
+            .map_err(|e| Error::Prepare(format!("placing unrolled convolutions: {}", chain(&e))))?;
+        log::debug!("{unrolled} small f32 convolutions unrolled onto Tern's pointwise kernel");
     }
     trace_graph("decluttered", typed);
     if compile.precision == Precision::F16 {
@@ -1297,7 +1300,9 @@ fn model_info(io: &Interface, batch: Option<&str>, max_batch: Option<usize>) -> 
 pub(crate) fn heavy_kind(name: &str) -> Option<&'static str> {
     match name {
         // Typed ops, then the imported ones they come from.
-        "Conv" | "TernQConv" | "TernDwConv" | "TernPwConv" | "ConvHir" => Some("Conv"),
+        "Conv" | "TernQConv" | "TernDwConv" | "TernPwConv" | "TernIm2colConv" | "ConvHir" => {
+            Some("Conv")
+        }
         "EinSum" | "MatMul" | "MatMatMul" | "OptMatMul" => Some("MatMul"),
         "MatMulInference" | "Gemm" | "QLinearMatMul" | "MatMulInteger" => Some("MatMul"),
         _ => None,
@@ -1354,7 +1359,11 @@ impl Survey {
                 None => node
                     .op_as::<crate::dwconv::DwConv>()
                     .map(|d| d.describe())
-                    .or_else(|| node.op_as::<crate::pwconv::PwConv>().map(|p| p.describe())),
+                    .or_else(|| node.op_as::<crate::pwconv::PwConv>().map(|p| p.describe()))
+                    .or_else(|| {
+                        node.op_as::<crate::im2col::Im2colConv>()
+                            .map(|p| p.describe())
+                    }),
             };
             survey
                 .heavy

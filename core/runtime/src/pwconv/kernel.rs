@@ -254,7 +254,7 @@ mod avx512 {
         match act {
             FloatAct::None => v,
             FloatAct::Clamp { lo, hi } => {
-                _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(lo)), _mm512_set1_ps(hi))
+                _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v))
             }
             FloatAct::HardSwish => {
                 let r = _mm512_add_ps(v, _mm512_set1_ps(3.0));
@@ -421,6 +421,24 @@ mod tests {
             // not.
             for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
                 check(o, k, p, i % 2 == 1, acts[i % 3], isa);
+            }
+        }
+    }
+
+    /// NaN is data: it reaches every output it is summed into, through a clamp too, and no
+    /// other.
+    #[test]
+    fn nan_goes_through_the_clamp_into_its_own_pixels_only() {
+        let (o, k, p) = (9, 3, 20);
+        let relu6 = FloatAct::Clamp { lo: 0.0, hi: 6.0 };
+        let mut x = values(5, k * p);
+        x[p + 17] = f32::NAN;
+        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+            let packed = PwWeights::pack(isa, o, k, &values(6, o * k), false, &values(7, o));
+            let mut out = vec![0.0; o * p];
+            pointwise_f32(&packed, relu6, &x, p, &mut out);
+            for (i, v) in out.iter().enumerate() {
+                assert_eq!(v.is_nan(), i % p == 17, "{isa:?} at {i}: {v}");
             }
         }
     }
