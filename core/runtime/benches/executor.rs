@@ -55,7 +55,13 @@ fn overhead(c: &mut Criterion) {
         let x = input(1);
         let shape = [1usize, 1, 8, 8];
         raw_tract(&mut g, name, &model_path(name), &shape, &x);
-        let model = Model::load(model_path(name), &ModelOptions::default()).unwrap();
+        // The layer alone: Tern's float kernels would replace the convolutions tract runs
+        // here, and this group prices what Tern adds around the same graph.
+        let same_graph = ModelOptions {
+            float_kernels: false,
+            ..Default::default()
+        };
+        let model = Model::load(model_path(name), &same_graph).unwrap();
         let mut session = model.session().unwrap();
         g.bench_function(BenchmarkId::new("tern", name), |b| {
             b.iter(|| {

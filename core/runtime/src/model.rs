@@ -34,10 +34,11 @@ pub struct ModelOptions {
     /// to tract's own lowering (im2col, int8 matrix product, separate requantization ops),
     /// which is slower; kept for comparisons.
     pub int8_kernels: bool,
-    /// Run f32 depthwise convolutions on Tern's direct kernel, with the activation after each
-    /// applied as it stores, and sums over trailing axes (global average pools) on Tern's
-    /// loop (on by default; CPU plans in the stored precision). Off leaves them to tract's
-    /// own ops, which are slower; kept for comparisons.
+    /// Run f32 depthwise convolutions on Tern's direct kernel, 1×1 and small convolutions
+    /// (stems) on its pointwise kernel (x86-64 with AVX2; tract's elsewhere), each with the
+    /// activation after it applied as it stores, and sums over trailing axes (global average
+    /// pools) on Tern's loop (on by default; CPU plans in the stored precision). Off leaves
+    /// them to tract's own ops, which are slower; kept for comparisons.
     pub float_kernels: bool,
     /// Inputs fixed to concrete shapes. Declared output shapes and `value_info` are then
     /// ignored, since exporters write them with the symbols the pins replace.

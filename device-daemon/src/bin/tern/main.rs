@@ -146,8 +146,8 @@ struct PrepArgs {
     /// kernels, for comparison.
     #[arg(long)]
     no_int8_kernels: bool,
-    /// Run f32 depthwise convolutions and trailing-axis sums on tract's own ops instead of
-    /// Tern's kernels, for comparison.
+    /// Run f32 depthwise, 1×1 and stem convolutions and trailing-axis sums on tract's own ops
+    /// instead of Tern's kernels, for comparison.
     #[arg(long)]
     no_float_kernels: bool,
     /// Fix an input's shape, e.g. `image=N,3,224,224` (a name keeps that axis symbolic).
