@@ -104,6 +104,8 @@ impl Im2colConv {
             "expected {} channels, got {c}",
             spec.input_channels
         );
+        // Planes are chunks below; padding alone could give an empty plane outputs.
+        ensure!(h > 0 && w > 0, "convolution of an empty {h}×{w} plane");
         let pads = spec.computed_padding(&[h, w]);
         let (kh, kw) = (spec.kernel_shape[0], spec.kernel_shape[1]);
         let axis = |i: usize, size: usize| Axis {
@@ -348,6 +350,30 @@ mod tests {
             // Sums of up to 196 products of values in [-1, 1], in another order.
             same_after(m, input, fuse, placed, 1e-4, &format!("case {case}"))?;
         }
+        Ok(())
+    }
+
+    /// Wrong channel counts and empty planes are errors, not panics; an empty batch is empty.
+    #[test]
+    fn bad_inputs_are_errors() -> TractResult<()> {
+        let (mut m, _) = graph(&mut Lcg(13), 2, 1)?;
+        if fuse(&mut m)? == 0 {
+            return Ok(());
+        }
+        let op = m
+            .nodes()
+            .iter()
+            .find_map(|n| n.op_as::<Im2colConv>())
+            .expect("placed");
+        let c = op.pool_spec.input_channels;
+        let err = op
+            .run(&Tensor::zero::<f32>(&[1, c + 1, 9, 9])?)
+            .unwrap_err();
+        assert!(err.to_string().contains("channels"), "{err}");
+        let err = op.run(&Tensor::zero::<f32>(&[1, c, 0, 9])?).unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+        let empty = op.run(&Tensor::zero::<f32>(&[0, c, 9, 9])?)?;
+        assert_eq!(empty.len(), 0);
         Ok(())
     }
 

@@ -73,6 +73,13 @@ impl PwConv {
             "expected {k} channels on axis {}, got shape {shape:?}",
             self.axis
         );
+        ensure!(
+            self.out
+                .iter()
+                .all(|a| !matches!(a, OutAxis::Input(i) if *i >= shape.len())),
+            "input of rank {} for a product planned on more axes",
+            shape.len()
+        );
         let images: usize = shape[..self.axis].iter().product();
         let pixels: usize = shape[self.axis + 1..].iter().product();
         let dims: TVec<usize> = self
@@ -562,6 +569,8 @@ mod tests {
         };
         let err = op.run(&Tensor::zero::<f32>(&[1, 4, 9])?).unwrap_err();
         assert!(err.to_string().contains("expected 3 channels"), "{err}");
+        let err = op.run(&Tensor::zero::<f32>(&[1, 3])?).unwrap_err();
+        assert!(err.to_string().contains("rank 2"), "{err}");
         let empty = op.run(&Tensor::zero::<f32>(&[0, 3, 9])?)?;
         assert_eq!(empty.shape(), &[0, 2, 9]);
         let y = op.run(&Tensor::from_shape(&[1, 3, 1], &[1.0f32, 2.0, 3.0])?)?;
