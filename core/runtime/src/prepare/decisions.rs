@@ -7,10 +7,11 @@
 //! verdict cached, a later load (a daemon restart, an app's next launch) prepares only the plan
 //! it will serve.
 //!
-//! Entries are keyed by the model's sha256, tract's version, the CPU's features and every
-//! option that shapes the plan, so a new model version, a tract upgrade or a different CPU
-//! decides again. An entry that cannot be read, or a cache that cannot be written (read-only,
-//! full disk), costs the decision again and nothing else.
+//! Entries are keyed by the model's sha256, tract's version, what Tern's kernels are, the CPU's
+//! features and every option that shapes the plan, so a new model version, a tract or Tern
+//! upgrade that changes the plans, or a different CPU decides again. An entry that cannot be
+//! read, or a cache that cannot be written (read-only, full disk), costs the decision again
+//! and nothing else.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,12 +37,17 @@ pub(crate) struct Decisions {
 /// First line of an entry: a format tag, so that a future layout is not misread.
 const TAG: &str = "tern-plan-decision 1";
 
+/// What Tern's plans are made of, in the key: a verdict timed on other kernels ("fastest")
+/// is stale once Tern places different ones. Changed with every such release.
+const PLANNER: &str = "kernels 2: f32 pointwise and unrolled convolutions";
+
 impl Decisions {
     /// The entry for `model_sha256` (the model file's digest) prepared with `options`.
     pub(crate) fn new(dir: &Path, model_sha256: &[u8], options: &ModelOptions) -> Decisions {
         let mut key = Sha256::new();
         key.update(model_sha256);
         key.update(super::tract_version().as_bytes());
+        key.update(PLANNER.as_bytes());
         key.update(cpu_features().as_bytes());
         // Every option but where the cache lives and how many threads prepare the plans;
         // `auto` and `fastest` decide differently.
