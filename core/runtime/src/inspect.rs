@@ -51,6 +51,32 @@ pub struct Inspection {
     /// Where the model runs, and why not where it was asked to, if so.
     pub device: crate::model::Device,
     pub device_note: Option<String>,
+    /// Where a GPU plan's ops run (`None` on the CPU): tract decides op by op.
+    pub placement: Option<Placement>,
+}
+
+/// How tract placed the ops of a GPU plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// Ops that run on the device (transfers between the CPU and the device not counted).
+    pub on_device: usize,
+    /// Op name → count of the ops tract kept on the CPU.
+    pub on_cpu: BTreeMap<String, usize>,
+}
+
+impl fmt::Display for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ops on the GPU", self.on_device)?;
+        if self.on_cpu.is_empty() {
+            return f.write_str(", none on the CPU");
+        }
+        let cpu: Vec<String> = self
+            .on_cpu
+            .iter()
+            .map(|(op, n)| format!("{n} {op}"))
+            .collect();
+        write!(f, "; on the CPU: {}", cpu.join(", "))
+    }
 }
 
 /// Whether one symbolic plan serves every shape or each input shape gets its own.

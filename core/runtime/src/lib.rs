@@ -32,7 +32,7 @@ pub use batch::{
     LATENCY_BOUNDS_US,
 };
 pub use error::{Error, Result};
-pub use inspect::{ExecPrecision, HeavyOp, Inspection, PlanKind, PlanReport};
+pub use inspect::{ExecPrecision, HeavyOp, Inspection, Placement, PlanKind, PlanReport};
 pub use model::{Device, Model, ModelOptions, PinnedInput, PlanMode, Precision};
 pub use prepare::ModelInfo;
 pub use run::{Outputs, Session};

@@ -419,7 +419,13 @@ fn cuda_runs_on_the_gpu_or_falls_back_to_the_cpu_saying_why() {
     let x = npy::read_file(repo().join("models/testdata/digits_test_x.npy")).unwrap();
     let reference = npy::read_file(repo().join("models/testdata/digits.ref.npy")).unwrap();
     let got = run(&model, &x);
-    assert!(max_abs_diff(&got, &reference) <= 1e-3);
+    let diff = max_abs_diff(&got, &reference);
+    // TF32 on the GPU (see `cuda_tolerance` in tests/core.rs): 7.2e-3 measured on an H200.
+    let bound = match insp.device {
+        tern_core::Device::Cuda => 5e-2,
+        tern_core::Device::Cpu => 1e-3,
+    };
+    assert!(diff <= bound, "max abs diff {diff} on {:?}", got.shape());
 }
 
 #[test]

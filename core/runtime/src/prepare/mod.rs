@@ -25,7 +25,7 @@ use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
 use tract_onnx::tract_core::transform::ModelTransform;
 
 use crate::error::{catch, chain, Error, Result};
-use crate::inspect::{ExecPrecision, HeavyOp, Inspection, PlanKind, PlanReport};
+use crate::inspect::{ExecPrecision, HeavyOp, Inspection, Placement, PlanKind, PlanReport};
 use crate::model::{Device, ModelOptions, PlanMode, Precision};
 use crate::tensor::{DType, Dim, TensorInfo};
 
@@ -534,9 +534,14 @@ pub(crate) fn build<T>(
         let mut typed = type_whole(model)?;
         finish(&mut typed, compile)?;
         let io = io(&Interface::of(&typed)?)?;
-        let survey = Survey::of(&typed);
+        let mut survey = Survey::of(&typed);
         let (n_in, n_out) = (typed.inputs.len(), typed.outputs.len());
         let plan = optimize(typed, compile)?;
+        if compile.device != Device::Cpu {
+            let placement = placement(plan.model());
+            log::info!("placed by tract: {placement}");
+            survey.placement = Some(placement);
+        }
         return Ok(Built {
             plan: Arc::new(parts::Parts::whole(plan, n_in, n_out)),
             survey,
@@ -631,12 +636,24 @@ fn device(asked: Device) -> Result<(Device, Option<String>)> {
 
 #[cfg(feature = "cuda")]
 fn cuda_device() -> Result<(Device, Option<String>)> {
-    // Loads the driver, cudart, nvrtc, cuBLAS and cuDNN; any of them missing means no GPU.
-    let usable = std::panic::catch_unwind(|| {
-        tract_cuda::utils::ensure_cuda_runtime_dependencies("CUDA runtime libraries not found")
-            .map_err(|e| format!("{e:#}"))
-    })
-    .unwrap_or_else(|_| Err("probing CUDA panicked".into()));
+    // Asked once per process: a GPU does not come and go between loads, and tract's context
+    // is process-wide.
+    static USABLE: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    let usable = USABLE.get_or_init(|| {
+        // The libraries (driver, cudart, nvrtc, cuBLAS, cuDNN) first, then a context, a stream
+        // and the library handles on this thread: libraries that load can still be the
+        // toolkit's stub driver or find no device, and tract panics on those at prepare time.
+        catch("probing CUDA", || {
+            tract_cuda::utils::ensure_cuda_runtime_dependencies("CUDA runtime libraries not found")
+                .and_then(|_| tract_cuda::with_cuda_stream(|_| Ok(())))
+                .map_err(|e| Error::Prepare(format!("{e:#}")))
+        })
+        .map_err(|e| match e {
+            Error::Prepare(why) => why,
+            other => other.to_string(),
+        })
+    });
     match usable {
         Ok(()) => Ok((Device::Cuda, None)),
         Err(why) => {
@@ -718,6 +735,26 @@ fn optimize(typed: TypedModel, compile: &Compile) -> Result<Arc<TypedSimplePlan>
     trace_graph("optimized", &optimized);
     TypedSimplePlan::new_with_options(optimized, &run_options)
         .map_err(|e| Error::Prepare(chain(&e)))
+}
+
+/// Counts a device plan's ops by where they run. tract's GPU runtimes name their ops after the
+/// backend (`CudaConv`, `GpuSlice`); anything else runs on the CPU. Sources, constants and the
+/// copies between host and device are not work of the model's.
+fn placement(m: &TypedModel) -> Placement {
+    use tract_onnx::tract_core::ops::{konst::Const, source::TypedSource};
+    let mut placement = Placement::default();
+    for node in m.nodes() {
+        let name = node.op.name();
+        if node.op_is::<TypedSource>() || node.op_is::<Const>() || name.starts_with("DeviceSync") {
+            continue;
+        }
+        if name.starts_with("Cuda") || name.starts_with("Gpu") {
+            placement.on_device += 1;
+        } else {
+            *placement.on_cpu.entry(name.to_string()).or_default() += 1;
+        }
+    }
+    placement
 }
 
 /// tract's CUDA runtime: moves what it can to the GPU, optimizes, uploads the constants.
@@ -1319,6 +1356,8 @@ pub(crate) struct Survey {
     folded: usize,
     /// Where the graph was cut to prepare it in parts.
     cuts: Vec<String>,
+    /// Where a device plan's ops run.
+    placement: Option<Placement>,
 }
 
 impl Survey {
@@ -1449,6 +1488,7 @@ fn inspect(
         rewrites,
         device: Device::Cpu,
         device_note: None,
+        placement: survey.placement.clone(),
     }
 }
 
@@ -1466,5 +1506,28 @@ mod tests {
             1
         );
         assert_eq!(without_pass(&mut Optimizer::codegen(), "NoSuchPass"), 0);
+    }
+
+    /// A plan with no backend op runs wholly on the CPU; inputs and constants are no work.
+    #[test]
+    fn placement_counts_the_work_by_where_it_runs() {
+        let mut m = TypedModel::default();
+        let x = m.add_source("x", f32::fact([2])).unwrap();
+        let c = m.add_const("c", tensor1(&[1f32, 2.])).unwrap();
+        let y = m
+            .wire_node("add", tract_onnx::tract_core::ops::math::add(), &[x, c])
+            .unwrap();
+        let z = m
+            .wire_node("mul", tract_onnx::tract_core::ops::math::mul(), &[y[0], c])
+            .unwrap();
+        m.select_output_outlets(&z).unwrap();
+        let p = placement(&m);
+        assert_eq!(p.on_device, 0);
+        assert_eq!(p.to_string(), "0 ops on the GPU; on the CPU: 1 Add, 1 Mul");
+        let all_there = Placement {
+            on_device: 3,
+            ..Default::default()
+        };
+        assert_eq!(all_there.to_string(), "3 ops on the GPU, none on the CPU");
     }
 }

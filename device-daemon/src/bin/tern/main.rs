@@ -296,6 +296,10 @@ fn inspect(path: &Path, prep: &PrepArgs, json: bool) -> Result<()> {
             "rewrites": insp.rewrites,
             "device": insp.device.to_string(),
             "device_note": insp.device_note,
+            "placement": insp.placement.as_ref().map(|p| serde_json::json!({
+                "on_device": p.on_device,
+                "on_cpu": p.on_cpu,
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -321,6 +325,9 @@ fn inspect(path: &Path, prep: &PrepArgs, json: bool) -> Result<()> {
             .map(|n| format!(" ({n})"))
             .unwrap_or_default()
     );
+    if let Some(p) = &insp.placement {
+        println!("  placed by tract: {p}");
+    }
     println!("plans: {} ({})", insp.plan.kind, insp.plan.why);
     if !insp.plan.batch_sizes.is_empty() {
         println!(
