@@ -208,14 +208,23 @@ impl Op for DwConv {
     op_as_typed_op!();
 }
 
-impl EvalOp for DwConv {
-    op_out_of_plan!();
+/// tract's `EvalOp` for Tern's one-input ops, whose `run` is the whole evaluation: stateless,
+/// so tract calls it directly instead of keeping a state per run.
+macro_rules! eval_one_input {
+    ($op:ty) => {
+        impl EvalOp for $op {
+            op_out_of_plan!();
 
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = args_1!(inputs);
-        Ok(tvec!(self.run(&x)?.into_tvalue()))
-    }
+            fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+                let x = args_1!(inputs);
+                Ok(tvec!(self.run(&x)?.into_tvalue()))
+            }
+        }
+    };
 }
+pub(crate) use eval_one_input;
+
+eval_one_input!(DwConv);
 
 impl TypedOp for DwConv {
     as_op!();

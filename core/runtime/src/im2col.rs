@@ -238,14 +238,7 @@ impl Op for Im2colConv {
     op_as_typed_op!();
 }
 
-impl EvalOp for Im2colConv {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = args_1!(inputs);
-        Ok(tvec!(self.run(&x)?.into_tvalue()))
-    }
-}
+crate::dwconv::eval_one_input!(Im2colConv);
 
 impl TypedOp for Im2colConv {
     as_op!();

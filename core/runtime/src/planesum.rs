@@ -80,14 +80,7 @@ impl Op for PlaneSum {
     op_as_typed_op!();
 }
 
-impl EvalOp for PlaneSum {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = args_1!(inputs);
-        Ok(tvec!(self.run(&x)?.into_tvalue()))
-    }
-}
+crate::dwconv::eval_one_input!(PlaneSum);
 
 impl TypedOp for PlaneSum {
     as_op!();

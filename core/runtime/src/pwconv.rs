@@ -126,14 +126,7 @@ impl Op for PwConv {
     op_as_typed_op!();
 }
 
-impl EvalOp for PwConv {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = args_1!(inputs);
-        Ok(tvec!(self.run(&x)?.into_tvalue()))
-    }
-}
+crate::dwconv::eval_one_input!(PwConv);
 
 impl TypedOp for PwConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
