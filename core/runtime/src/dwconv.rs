@@ -474,7 +474,7 @@ pub(crate) mod tests {
     #[test]
     fn replaced_convolutions_give_tracts_outputs() -> TractResult<()> {
         let mut rng = Lcg(3);
-        let value = |rng: &mut Lcg| (rng.next() as f32 / u32::MAX as f32 - 0.5) * 2.0;
+        let value = |rng: &mut Lcg| (rng.unit() - 0.5) * 2.0;
         for case in 0..40 {
             let c = 1 + rng.below(6);
             let k = [1, 3, 5][rng.below(3)];
@@ -602,7 +602,7 @@ pub(crate) mod tests {
             let mut m = TypedModel::default();
             let x = m.add_source("x", f32::fact([1, c, h, w]))?;
             let mut rng = Lcg(5);
-            let value = |rng: &mut Lcg| (rng.next() as f32 / u32::MAX as f32 - 0.5) * 8.0;
+            let value = |rng: &mut Lcg| (rng.unit() - 0.5) * 8.0;
             let kernel: Vec<f32> = (0..c * 9).map(|_| value(&mut rng) / 4.0).collect();
             let kernel = tract_ndarray::Array4::from_shape_vec((c, 1, 3, 3), kernel)?;
             let kernel = m.add_const("kernel", Tensor::from(kernel))?;

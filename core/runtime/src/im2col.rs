@@ -271,7 +271,7 @@ mod tests {
     /// One random convolution graph: `c` input channels, an `o` × `c / group` × `kh` × `kw`
     /// kernel, and an input for it.
     fn graph(rng: &mut Lcg, case: usize, group: usize) -> TractResult<(TypedModel, Tensor)> {
-        let value = |rng: &mut Lcg| (rng.next() as f32 / u32::MAX as f32 - 0.5) * 2.0;
+        let value = |rng: &mut Lcg| (rng.unit() - 0.5) * 2.0;
         let c = group * (1 + rng.below(4));
         let o = group * (1 + rng.below(10));
         let (kh, kw) = [(3, 3), (1, 1), (7, 7), (1, 5), (3, 2)][case % 5];

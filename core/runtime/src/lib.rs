@@ -18,6 +18,7 @@
 mod batch;
 mod dwconv;
 mod error;
+mod excite;
 mod im2col;
 mod inspect;
 mod int8;
@@ -26,6 +27,8 @@ mod planesum;
 mod prepare;
 mod pwconv;
 mod run;
+#[cfg(test)]
+mod testing;
 
 pub use batch::{
     BatchConfig, BatchStats, Batcher, FailureReason, Histogram, RequestOptions, Response,

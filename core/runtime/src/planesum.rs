@@ -17,8 +17,8 @@ use crate::dwconv::{other_scalar, replace_run};
 /// The sum of every run of the axes from `from` on, times `scale`: those axes become 1.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PlaneSum {
-    from: usize,
-    scale: f32,
+    pub(crate) from: usize,
+    pub(crate) scale: f32,
 }
 
 impl Eq for PlaneSum {}
@@ -53,7 +53,7 @@ impl PlaneSum {
 
 /// Eight independent partial sums, so that the loop vectorises (a single running sum cannot
 /// be reordered by the compiler).
-fn sum(values: &[f32]) -> f32 {
+pub(crate) fn sum(values: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let chunks = values.chunks_exact(8);
     let rest: f32 = chunks.remainder().iter().sum();
@@ -197,9 +197,7 @@ mod tests {
             }
             m.select_output_outlets(&[y])?;
             let n: usize = shape.iter().product();
-            let input: Vec<f32> = (0..n)
-                .map(|_| rng.next() as f32 / u32::MAX as f32 - 0.5)
-                .collect();
+            let input: Vec<f32> = (0..n).map(|_| rng.unit() - 0.5).collect();
             let input = Tensor::from_shape(shape, &input)?;
             let want = m
                 .clone()

@@ -42,7 +42,7 @@ pub(crate) struct PwConv {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum OutAxis {
+pub(crate) enum OutAxis {
     /// The input's axis at this position.
     Input(usize),
     Fixed(usize),
@@ -149,27 +149,33 @@ impl TypedOp for PwConv {
 
 /// How an `EinSum` node is a 1×1 convolution: which input is the data, the channel axis, the
 /// weights as stored (`o × k`, or `k × o` when transposed).
-struct Product {
-    x_input: usize,
-    axis: usize,
-    o: usize,
-    k: usize,
-    weights: Vec<f32>,
-    transposed: bool,
-    out: TVec<OutAxis>,
+pub(crate) struct Product {
+    pub(crate) x_input: usize,
+    pub(crate) axis: usize,
+    pub(crate) o: usize,
+    pub(crate) k: usize,
+    pub(crate) weights: Vec<f32>,
+    pub(crate) transposed: bool,
+    pub(crate) out: TVec<OutAxis>,
     /// The output's channel axis.
-    o_pos: usize,
+    pub(crate) o_pos: usize,
 }
 
-fn f32_values(t: &Tensor) -> Option<Vec<f32>> {
+pub(crate) fn f32_values(t: &Tensor) -> Option<Vec<f32>> {
     if t.datum_type() != DatumType::F32 {
         return None;
     }
     Some(t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec())
 }
 
-/// The product node `node` computes, if it is a 1×1 convolution the kernel covers.
-fn product(model: &TypedModel, node: &TypedNode, op: &EinSum) -> Result<Product, String> {
+/// The product node `node` computes, if it is a 1×1 convolution over at least `min_pixels`
+/// pixels per channel.
+pub(crate) fn product(
+    model: &TypedModel,
+    node: &TypedNode,
+    op: &EinSum,
+    min_pixels: usize,
+) -> Result<Product, String> {
     if op.q_params.is_some() || op.operating_dt != DatumType::F32 || node.inputs.len() != 2 {
         return Err("not a two-input f32 product".into());
     }
@@ -236,7 +242,7 @@ fn product(model: &TypedModel, node: &TypedNode, op: &EinSum) -> Result<Product,
         .map(|d| d.to_usize().ok())
         .try_fold(1usize, |acc, d| d.map(|d| acc * d));
     match pixels {
-        Some(p) if p >= MIN_PIXELS => {}
+        Some(p) if p >= min_pixels => {}
         Some(p) => return Err(format!("{p} pixels")),
         None => return Err("symbolic pixel count".into()),
     }
@@ -272,7 +278,12 @@ fn product(model: &TypedModel, node: &TypedNode, op: &EinSum) -> Result<Product,
 
 /// The bias `id`'s output gets, if its sole reader adds one constant per channel (on output
 /// axis `axis`), or one for all: the bias and the `Add`.
-fn bias_after(model: &TypedModel, id: usize, axis: usize, o: usize) -> Option<(Vec<f32>, usize)> {
+pub(crate) fn bias_after(
+    model: &TypedModel,
+    id: usize,
+    axis: usize,
+    o: usize,
+) -> Option<(Vec<f32>, usize)> {
     let outlet = OutletId::new(id, 0);
     if model.output_outlets().ok()?.contains(&outlet) {
         return None;
@@ -322,7 +333,7 @@ pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
     for id in candidates {
         let node = model.node(id);
         let op = node.op_as::<EinSum>().expect("filtered above");
-        let p = match product(model, node, op) {
+        let p = match product(model, node, op, MIN_PIXELS) {
             Ok(p) => p,
             Err(why) => {
                 log::trace!("{}: stays with tract's product ({why})", node.name);
@@ -362,15 +373,12 @@ mod tests {
     use std::str::FromStr;
 
     use crate::int8::Lcg;
+    use crate::testing::{assert_outputs_close, random_tensor};
     use tract_onnx::tract_core::axes::AxesMapping;
     use tract_onnx::tract_core::ops::{math, nn};
 
     fn random(rng: &mut Lcg, shape: &[usize]) -> TractResult<Tensor> {
-        let n = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| rng.next() as f32 / u32::MAX as f32 * 4.0 - 2.0)
-            .collect();
-        Tensor::from_shape(shape, &v)
+        random_tensor(rng, shape, 1.0)
     }
 
     /// One case: the product's einsum, the input's shape, the bias's shape (if any), what
@@ -465,19 +473,7 @@ mod tests {
             );
         }
         let got = m.into_runnable()?.run(tvec![input.into()])?;
-        assert_eq!(got.len(), want.len(), "{name}");
-        for (g, w) in got.iter().zip(&want) {
-            assert_eq!(g.shape(), w.shape(), "{name}");
-            let g = g.try_as_plain_ram()?.as_slice::<f32>()?;
-            let w = w.try_as_plain_ram()?.as_slice::<f32>()?;
-            for (i, (g, w)) in g.iter().zip(w).enumerate() {
-                assert!(
-                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "{name}, at {i}: {g} vs {w}"
-                );
-            }
-        }
-        Ok(())
+        assert_outputs_close(&name, &got, &want)
     }
 
     /// 1×1 convolution products in the forms tract's declutter leaves (NCHW, CHW, a batch axis

@@ -235,7 +235,7 @@ fn mobilenets_prepared_in_parts_match_onnxruntime_in_both_plan_kinds() {
 /// The float MobileNet's 11 depthwise convolutions (group = channels) run on Tern's f32 kernel
 /// in both plan kinds, and without it on tract's; so do its 22 pointwise convolutions over 8
 /// pixels or more, and its stem, where the pointwise kernel has a vector path (x86-64 with
-/// AVX2). Every way
+/// AVX2), and its squeeze-and-excitation blocks everywhere. Every way
 /// gives onnxruntime's answers. With tract's axis rewrites (the default) tract may move
 /// channels last, where the depthwise kernel does not apply: it does on aarch64 for 8 of them,
 /// not on x86_64.
@@ -283,6 +283,19 @@ fn float_mobilenet_runs_its_depthwise_convolutions_on_terns_kernel() {
         }
         let want = if float_kernels { pointwise } else { 0 };
         assert_eq!(notes_on("pointwise").len(), want, "{case}");
+        // Its 9 squeeze-and-excitation blocks, two 1×1 convolutions each, as one op each, on
+        // every CPU and with tract's axis rewrites or without.
+        let blocks = model
+            .inspection()
+            .heavy
+            .iter()
+            .filter(|h| {
+                h.note
+                    .as_ref()
+                    .is_some_and(|n| n.starts_with("on the Tern f32 squeeze-and-excitation loop"))
+            })
+            .count();
+        assert_eq!(blocks, if float_kernels { 18 } else { 0 }, "{case}");
         // The stem (3 channels, 3×3, stride 2), unrolled onto the same kernel.
         let want = if float_kernels { pointwise.min(1) } else { 0 };
         assert_eq!(notes_on("unrolled-window").len(), want, "{case}");

@@ -1956,7 +1956,7 @@ mod tests {
 
     impl FloatCase {
         fn random(rng: &mut Lcg, case: usize, g: &DwGeometry) -> FloatCase {
-            let value = |rng: &mut Lcg| (rng.next() as f32 / u32::MAX as f32 - 0.5) * 4.0;
+            let value = |rng: &mut Lcg| (rng.unit() - 0.5) * 4.0;
             let plane: Vec<f32> = (0..g.h * g.w).map(|_| value(rng)).collect();
             let weights: Vec<f32> = (0..g.kh * g.kw).map(|_| value(rng)).collect();
             let bias = value(rng);

@@ -376,6 +376,14 @@ fn table(model: &TypedModel, nodes: &[usize], sources: &[OutletId]) -> TractResu
 
 /// Replaces every float island between 8-bit tensors by a table; returns how many tables run.
 pub(crate) fn fuse(model: &mut TypedModel) -> TractResult<usize> {
+    // A float graph has no island: spare it the two passes over every node.
+    let has_bytes = model
+        .nodes()
+        .iter()
+        .any(|n| n.outputs.iter().any(|o| is_byte(o.fact.datum_type)));
+    if !has_bytes {
+        return Ok(0);
+    }
     model.compact()?;
     let ends: Vec<usize> = (0..model.nodes().len())
         .filter(|&id| {

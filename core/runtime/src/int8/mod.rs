@@ -713,7 +713,9 @@ pub(crate) fn fold_tables(model: &mut TypedModel) -> TractResult<usize> {
         folded += 1;
     }
     // Drops the ops the folds replaced.
-    model.compact()?;
+    if folded > 0 {
+        model.compact()?;
+    }
     Ok(folded)
 }
 
@@ -730,6 +732,11 @@ impl Lcg {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         (self.0 >> 33) as u32
+    }
+    /// Uniform in [0, 1): `next` gives 31 bits, so dividing it by `u32::MAX` would stop at 0.5
+    /// and leave every value derived from it on one side of zero.
+    pub(crate) fn unit(&mut self) -> f32 {
+        self.next() as f32 / (1u32 << 31) as f32
     }
     pub(crate) fn below(&mut self, n: usize) -> usize {
         self.next() as usize % n

@@ -451,11 +451,21 @@ impl Interface {
     }
 }
 
+/// Whether the graph has a quantized convolution for the int8 kernels to take: where it has
+/// none, folding the constants for them (a pass over every node, a millisecond of a small float
+/// MobileNet's load) is skipped.
+fn has_quantized_convs(m: &TypedModel) -> bool {
+    m.nodes().iter().any(|n| {
+        n.op_as::<tract_onnx::tract_core::ops::cnn::conv::Conv>()
+            .is_some_and(|c| c.q_params.is_some())
+    })
+}
+
 /// Typed model → int8 convolutions fused, decluttered (in f16 when asked), with Tern's int8
 /// rewrites that need tract's simplified graph.
 fn finish(typed: &mut TypedModel, compile: &Compile) -> Result<()> {
     let started = Instant::now();
-    if compile.int8_kernels {
+    if compile.int8_kernels && has_quantized_convs(typed) {
         // Weights and quantization parameters reach the convolutions through casts; folded,
         // they are constants the fused kernels can prepare once.
         typed
@@ -500,6 +510,15 @@ fn finish(typed: &mut TypedModel, compile: &Compile) -> Result<()> {
         let unrolled = crate::im2col::fuse(typed)
             .map_err(|e| Error::Prepare(format!("placing unrolled convolutions: {}", chain(&e))))?;
         log::debug!("{unrolled} small f32 convolutions unrolled onto Tern's pointwise kernel");
+        // After the plane sums (a block starts with one) and the pointwise products (which
+        // leave the block's one-pixel products to tract).
+        let blocks = crate::excite::fuse(typed).map_err(|e| {
+            Error::Prepare(format!(
+                "placing squeeze-and-excitation blocks: {}",
+                chain(&e)
+            ))
+        })?;
+        log::debug!("{blocks} squeeze-and-excitation blocks on Tern's loop");
     }
     trace_graph("decluttered", typed);
     if compile.precision == Precision::F16 {
@@ -649,8 +668,10 @@ fn cuda_device() -> Result<(Device, Option<String>)> {
                 .and_then(|_| tract_cuda::with_cuda_stream(|_| Ok(())))
                 .map_err(|e| Error::Prepare(format!("{e:#}")))
         })
+        // A panic here is tract refusing a stub driver or a missing device, a fact about the
+        // machine rather than a bug to report: its text is the reason.
         .map_err(|e| match e {
-            Error::Prepare(why) => why,
+            Error::Prepare(why) | Error::Internal(why) => why,
             other => other.to_string(),
         })
     });
@@ -1377,6 +1398,15 @@ impl Survey {
                 .is_some_and(|q| q.has_table())
             {
                 survey.folded += 1;
+            }
+            if let Some(se) = node.op_as::<crate::excite::SqueezeExcite>() {
+                for name in &se.products {
+                    let kernel = Some(se.describe());
+                    survey
+                        .heavy
+                        .push((name.clone(), "Conv", ExecPrecision::F32, kernel));
+                }
+                continue;
             }
             let Some(kind) = heavy_kind(&op) else {
                 continue;

@@ -354,9 +354,7 @@ mod tests {
 
     fn values(seed: u64, n: usize) -> Vec<f32> {
         let mut rng = Lcg(seed);
-        (0..n)
-            .map(|_| rng.next() as f32 / u32::MAX as f32 * 2.0 - 1.0)
-            .collect()
+        (0..n).map(|_| rng.unit() * 2.0 - 1.0).collect()
     }
 
     fn check(o: usize, k: usize, p: usize, transposed: bool, act: FloatAct, isa: Isa) {
