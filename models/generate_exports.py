@@ -346,6 +346,64 @@ def pointwise() -> onnx.ModelProto:
 
 
 # ---------------------------------------------------------------------------------------------
+# 6. excite: squeeze-and-excitation blocks as exports write them
+# ---------------------------------------------------------------------------------------------
+
+
+def excite() -> onnx.ModelProto:
+    """Two squeeze-and-excitation blocks Tern runs as one op each: SE-ResNet's (global average
+    pool, 1x1 conv, ReLU, 1x1 conv, Sigmoid, Mul) and MobileNetV3's as torchvision exports it
+    (HardSigmoid gate, the gate as the Mul's first operand); then a gate applied twice, which
+    has two readers and stays with tract."""
+    rng = np.random.default_rng(6)
+    w0, b0 = conv_weights(rng, 16, 3, 3)
+    layers = {name: conv_weights(rng, o, i, 1) for name, o, i in [
+        ("a1", 4, 16), ("a2", 16, 4), ("b1", 8, 16), ("b2", 16, 8), ("c1", 4, 16), ("c2", 16, 4),
+        ("head", 4, 16),
+    ]}
+
+    def conv(name: str, x: str) -> object:
+        return helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [name], name=name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "c0.w", "c0.b"], ["c0"], name="c0", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["f0"], name="r0"),
+        helper.make_node("GlobalAveragePool", ["f0"], ["a.pool"], name="a.pool"),
+        conv("a1", "a.pool"),
+        helper.make_node("Relu", ["a1"], ["a.hidden"], name="a.relu"),
+        conv("a2", "a.hidden"),
+        helper.make_node("Sigmoid", ["a2"], ["a.gate"], name="a.gate"),
+        helper.make_node("Mul", ["f0", "a.gate"], ["fa"], name="a.scale"),
+        helper.make_node("GlobalAveragePool", ["fa"], ["b.pool"], name="b.pool"),
+        conv("b1", "b.pool"),
+        helper.make_node("Relu", ["b1"], ["b.hidden"], name="b.relu"),
+        conv("b2", "b.hidden"),
+        helper.make_node("HardSigmoid", ["b2"], ["b.gate"], name="b.gate", alpha=1.0 / 6, beta=0.5),
+        helper.make_node("Mul", ["b.gate", "fa"], ["fb"], name="b.scale"),
+        helper.make_node("GlobalAveragePool", ["fb"], ["c.pool"], name="c.pool"),
+        conv("c1", "c.pool"),
+        helper.make_node("Relu", ["c1"], ["c.hidden"], name="c.relu"),
+        conv("c2", "c.hidden"),
+        helper.make_node("Sigmoid", ["c2"], ["c.gate"], name="c.gate"),
+        helper.make_node("Mul", ["fb", "c.gate"], ["fc"], name="c.scale"),
+        helper.make_node("Mul", ["fc", "c.gate"], ["fd"], name="c.again"),
+        conv("head", "fd"),
+    ]
+    inits = [init("c0.w", w0), init("c0.b", b0)]
+    for name, (w, b) in layers.items():
+        inits += [init(f"{name}.w", w), init(f"{name}.b", b)]
+    nodes[-1].output[0] = "y"
+    g = helper.make_graph(
+        nodes, "excite",
+        [helper.make_tensor_value_info("x", F, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", F, ["N", 4, "H", "W"])],
+        inits,
+    )
+    return make_model(g)
+
+
+# ---------------------------------------------------------------------------------------------
 
 SPECS = [
     (
@@ -391,6 +449,13 @@ SPECS = [
         [("b1-16x16", (1, 3, 16, 16)), ("b2-12x20", (2, 3, 12, 20))],
         "1x1 convolutions (bias or none, zero pads or VALID, kernel declared in value_info) that "
         "are matrix products, beside 1x1 ones that are not (stride 2, two groups, a shared kernel).",
+    ),
+    (
+        "excite",
+        excite,
+        [("b1-12x20", (1, 3, 12, 20)), ("b2-9x9", (2, 3, 9, 9))],
+        "Squeeze-and-excitation blocks: a Sigmoid gate (SE-ResNet), a HardSigmoid gate as the "
+        "Mul's first operand (torchvision's MobileNetV3), and a gate read twice.",
     ),
 ]
 

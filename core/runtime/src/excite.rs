@@ -3,8 +3,9 @@
 //!
 //! A MobileNetV3 block scales its feature map by a per-channel gate: a global average pool, a
 //! 1×1 convolution with a bias and ReLU, another with a bias, a hard sigmoid (`Mul`, `Add`,
-//! `Min`, `Max` once decluttered), and the `Mul` by the gate. Blocks with a logistic gate or a
-//! SiLU inside (EfficientNet, SE-ResNet) are not taken: they stay with tract as they were.
+//! `Min`, `Max` once decluttered), and the `Mul` by the gate; SE-ResNet's and RegNetY's have a
+//! logistic gate instead. Blocks with a SiLU inside (EfficientNet) are not taken: they stay
+//! with tract as they were.
 //! tract optimizes each of those nodes (it plans the two products as packed matrix-vector
 //! products, repacking their input before each) and runs them one by one on vectors of a few
 //! dozen values: on the 48×192 MobileNet a fifth of the nodes tract optimizes at load are these,
@@ -17,7 +18,9 @@ use std::sync::Arc;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::{Add, Max, Min, Mul};
+use tract_onnx::tract_core::ops::nn::Sigmoid;
 
 use crate::dwconv::{activation_after, other_scalar, replace_run};
 use crate::int8::kernels::FloatAct;
@@ -26,7 +29,7 @@ use crate::pwconv::{bias_after, product};
 
 /// What the inspection says runs the two convolutions of a block replaced here.
 pub(crate) const KERNEL: &str =
-    "Tern f32 squeeze-and-excitation loop (pool, both 1×1 convolutions, gate and scale in one)";
+    "Tern f32 squeeze-and-excitation kernel (pool, both 1×1 convolutions, gate and scale in one)";
 
 /// A fully connected layer: `o × k` weights, row by row, and one bias per output.
 #[derive(Debug)]
@@ -84,18 +87,26 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
-/// `clamp(v · mul + add)`: a hard sigmoid as exports write it, or any affine map and clamp of
-/// scalars.
+/// `clamp(σ(v · mul + add))`, σ the logistic function or none: a hard sigmoid as exports
+/// write it (MobileNetV3), a logistic gate (SE-ResNet, RegNetY), or any affine map and clamp
+/// of scalars.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Gate {
     mul: f32,
     add: f32,
+    logistic: bool,
     clamp: FloatAct,
 }
 
 impl Gate {
     fn apply(self, v: f32) -> f32 {
-        self.clamp.apply(v * self.mul + self.add)
+        let v = v * self.mul + self.add;
+        let v = if self.logistic {
+            1.0 / (1.0 + (-v).exp())
+        } else {
+            v
+        };
+        self.clamp.apply(v)
     }
 }
 
@@ -365,12 +376,14 @@ fn sole_reader(model: &TypedModel, id: usize) -> Result<&TypedNode, String> {
     }
 }
 
-/// The affine map and clamp by scalars that `id`'s output goes through (a hard sigmoid), and
-/// the nodes that make it: each the sole reader of the one before, of the same shape.
+/// The affine map by scalars, logistic function and clamp by scalars that `id`'s output goes
+/// through, in that order (a hard sigmoid, a sigmoid), and the nodes that make it: each the
+/// sole reader of the one before, of the same shape.
 fn gate_after(model: &TypedModel, id: usize) -> (Gate, Vec<usize>) {
     let mut gate = Gate {
         mul: 1.0,
         add: 0.0,
+        logistic: false,
         clamp: FloatAct::None,
     };
     let mut absorbed = vec![];
@@ -381,10 +394,22 @@ fn gate_after(model: &TypedModel, id: usize) -> (Gate, Vec<usize>) {
             (Ok(a), Ok(b)) => a.shape == b.shape && b.datum_type == DatumType::F32,
             _ => false,
         };
-        let (Some(bin), Some(c), true) = (
+        if !same_shape {
+            break;
+        }
+        let clamped = gate.clamp != FloatAct::None;
+        let sigmoid = next
+            .op_as::<ElementWiseOp>()
+            .is_some_and(|e| e.0.is::<Sigmoid>());
+        if sigmoid && !gate.logistic && !clamped {
+            gate.logistic = true;
+            absorbed.push(next.id);
+            at = next.id;
+            continue;
+        }
+        let (Some(bin), Some(c)) = (
             next.op_as::<TypedBinOp>(),
             other_scalar(model, next, outlet),
-            same_shape,
         ) else {
             break;
         };
@@ -392,11 +417,11 @@ fn gate_after(model: &TypedModel, id: usize) -> (Gate, Vec<usize>) {
             FloatAct::Clamp { lo, hi } => (lo, hi),
             _ => (f32::NEG_INFINITY, f32::INFINITY),
         };
-        let clamped = gate.clamp != FloatAct::None;
-        if bin.0.is::<Mul>() && !clamped {
+        let affine = !clamped && !gate.logistic;
+        if bin.0.is::<Mul>() && affine {
             gate.mul *= c;
             gate.add *= c;
-        } else if bin.0.is::<Add>() && !clamped {
+        } else if bin.0.is::<Add>() && affine {
             gate.add += c;
         } else if bin.0.is::<Max>() {
             gate.clamp = FloatAct::Clamp {
@@ -464,12 +489,20 @@ mod tests {
         bias: bool,
         /// ReLU after the squeeze.
         relu: bool,
-        /// The gate's nodes: hard sigmoid, or none.
-        hard_sigmoid: bool,
+        /// The gate's nodes.
+        gate: GateKind,
         /// The hidden layer without its axes of size 1, as tract's axis rewrites leave it.
         squeezed: bool,
         /// What else reads a tensor of the block (which keeps it with tract).
         leak: Leak,
+    }
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum GateKind {
+        None,
+        /// `Mul`, `Add`, `Min`, `Max`, as tract declutters ONNX `HardSigmoid`.
+        Hard,
+        Logistic,
     }
 
     #[derive(Clone, Copy, PartialEq)]
@@ -487,7 +520,7 @@ mod tests {
         transposed: false,
         bias: true,
         relu: true,
-        hard_sigmoid: true,
+        gate: GateKind::Hard,
         squeezed: false,
         leak: Leak::None,
     };
@@ -552,7 +585,10 @@ mod tests {
         }
         let hidden = y;
         y = layer(&mut m, y, "excite", c, b.mid, false)?;
-        if b.hard_sigmoid {
+        if b.gate == GateKind::Logistic {
+            y = m.wire_node("sigmoid", tract_onnx::tract_core::ops::nn::sigmoid(), &[y])?[0];
+        }
+        if b.gate == GateKind::Hard {
             let sixth = scalar(&mut m, "sixth", rank, 1.0 / 6.0)?;
             let half = scalar(&mut m, "half", rank, 0.5)?;
             let (one, zero) = (
@@ -638,7 +674,15 @@ mod tests {
             Block {
                 bias: false,
                 relu: false,
-                hard_sigmoid: false,
+                gate: GateKind::None,
+                ..BASE
+            },
+            true,
+        )?;
+        check(
+            "logistic gate (SE-ResNet)",
+            Block {
+                gate: GateKind::Logistic,
                 ..BASE
             },
             true,
@@ -708,6 +752,7 @@ mod tests {
             gate: Gate {
                 mul: 1.0,
                 add: 0.0,
+                logistic: false,
                 clamp: FloatAct::None,
             },
             products: ["a".into(), "b".into()],

@@ -448,3 +448,46 @@ fn every_export_matches_onnxruntime_without_axis_rewrites() {
         ..Default::default()
     });
 }
+
+/// The squeeze-and-excitation export: with its spatial size known (the input pinned, the
+/// batch left symbolic or planned), its Sigmoid-gated and HardSigmoid-gated blocks run as one
+/// op each, the block whose gate is read twice stays with tract, and every case matches
+/// onnxruntime. With symbolic H and W the pool's scale is not a constant and the blocks stay
+/// with tract, with the same answers.
+#[test]
+fn squeeze_and_excitation_exports_run_as_one_op_each() {
+    let on_loop = |m: &Model| {
+        m.inspection()
+            .heavy
+            .iter()
+            .filter(|h| {
+                h.note
+                    .as_ref()
+                    .is_some_and(|n| n.starts_with("on the Tern f32 squeeze-and-excitation kernel"))
+            })
+            .map(|h| h.name.clone())
+            .collect::<Vec<_>>()
+    };
+    let check = |model: &Model, case: &str| {
+        let input = data(&format!("excite.{case}.input.npy"));
+        let expected = data(&format!("excite.{case}.output.npy"));
+        let diff = max_abs_diff(&run(model, &input), &expected);
+        assert!(diff <= TOLERANCE, "{case}: max abs diff {diff}");
+    };
+    for (pin, case) in [("x=N,3,12,20", "b1-12x20"), ("x=N,3,9,9", "b2-9x9")] {
+        for mode in [PlanMode::Symbolic, PlanMode::Concrete] {
+            let options = ModelOptions {
+                pinned: vec![pin.parse::<PinnedInput>().unwrap()],
+                ..plans(mode)
+            };
+            let model = Model::load(export("excite"), &options).unwrap();
+            assert_eq!(on_loop(&model), ["a1", "a2", "b1", "b2"], "{pin} {mode}");
+            check(&model, case);
+        }
+    }
+    let model = Model::load(export("excite"), &plans(PlanMode::Symbolic)).unwrap();
+    assert!(on_loop(&model).is_empty());
+    for case in ["b1-12x20", "b2-9x9"] {
+        check(&model, case);
+    }
+}

@@ -284,18 +284,17 @@ fn float_mobilenet_runs_its_depthwise_convolutions_on_terns_kernel() {
         let want = if float_kernels { pointwise } else { 0 };
         assert_eq!(notes_on("pointwise").len(), want, "{case}");
         // Its 9 squeeze-and-excitation blocks, two 1×1 convolutions each, as one op each, on
-        // every CPU and with tract's axis rewrites or without.
-        let blocks = model
-            .inspection()
-            .heavy
-            .iter()
-            .filter(|h| {
-                h.note
-                    .as_ref()
-                    .is_some_and(|n| n.starts_with("on the Tern f32 squeeze-and-excitation loop"))
-            })
-            .count();
-        assert_eq!(blocks, if float_kernels { 18 } else { 0 }, "{case}");
+        // every CPU; with tract's axis rewrites on aarch64, where tract moves channels last for
+        // most of them, at least some.
+        let blocks = notes_on("squeeze-and-excitation").len();
+        match (
+            float_kernels,
+            axis_rewrites && cfg!(not(target_arch = "x86_64")),
+        ) {
+            (false, _) => assert_eq!(blocks, 0, "{case}"),
+            (true, false) => assert_eq!(blocks, 18, "{case}"),
+            (true, true) => assert!(blocks > 0 && blocks <= 18, "{case}: {blocks}"),
+        }
         // The stem (3 channels, 3×3, stride 2), unrolled onto the same kernel.
         let want = if float_kernels { pointwise.min(1) } else { 0 };
         assert_eq!(notes_on("unrolled-window").len(), want, "{case}");
